@@ -1,0 +1,168 @@
+"""Experiment configuration: dataclasses are the one source of truth for defaults; YAML overrides them.
+
+A YAML file mirrors the sections below (``data:``, ``model:``, ``train:``, ``scoring:``, ``loop:``,
+``runtime:``); unknown keys are an error that names the key and the valid ones. Files are read
+with ``yaml.safe_load``: a config can never make the job execute code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+STRATEGIES = ("dynamic", "random", "entropy", "margin", "confidence")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names it and the fix."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cifar10"
+    data_dir: str = "~/.cache/ray_dal/cifar10"  # Parquet pool, torchvision layout, or download target
+    pool_size: int | None = None  # seeded subsample of the training pool (None: all of it)
+    test_size: int | None = None  # seeded subsample of the test set (None: all of it)
+    on_bad_image: str = "fail"  # "fail" (list the bad ids) or "skip" (score without them, report ids)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn"
+    num_classes: int = 10
+    in_channels: int = 3
+
+
+@dataclass
+class TrainConfig:
+    max_epochs: int = 100  # a round ends after this many epochs ...
+    train_accuracy: float | None = 0.99  # ... or once training accuracy reaches this (None: epochs only)
+    lr: float = 1e-3  # Adam, fresh each round
+    batch_size: int = 128
+    num_workers: int = 2  # Ray Train workers (data parallel)
+    use_gpu: bool | None = None  # None: use GPUs when the cluster has them
+    cpus_per_worker: float = 0.5  # leaves headroom for Ray Data's read tasks on small machines
+
+
+@dataclass
+class ScoringConfig:
+    strategy: str = "dynamic"
+    gamma: float = 2.0
+    scope: str = "all"  # "all" parameters or the "last" linear layer
+    num_scorers: int = 2  # scorer actors
+    batch_size: int = 256
+    cpus_per_scorer: float = 0.5
+    gpus_per_scorer: float | None = None  # None: 1 per actor when the cluster has GPUs, else 0
+
+
+@dataclass
+class LoopConfig:
+    initial: int = 500  # M, size of the seeded initial labeled set
+    budget: int = 250  # b, samples queried per round
+    rounds: int = 10  # R queries; round R only trains and evaluates
+    seed: int = 0
+    out: str = "runs/cifar10"
+
+
+@dataclass
+class RuntimeConfig:
+    num_cpus: int | None = None  # embedded local Ray only; ignored when joining a cluster
+    no_progress_timeout_s: float = 600.0  # fail a Ray Data stage that makes no progress this long
+
+
+@dataclass
+class ExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _merge(section: Any, values: Mapping[str, Any], where: str) -> Any:
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where} must be a mapping of keys to values, got {type(values).__name__}")
+    names = {f.name for f in dataclasses.fields(section)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(names)}")
+    return dataclasses.replace(section, **values)
+
+
+def from_dict(values: Mapping[str, Any] | None) -> ExperimentConfig:
+    """Build a validated config from nested mappings (as YAML gives them) over the defaults."""
+    cfg = ExperimentConfig()
+    values = values or {}
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(values).__name__}")
+    sections = {f.name for f in dataclasses.fields(cfg)}
+    unknown = sorted(set(values) - sections)
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown}; valid sections: {sorted(sections)}")
+    for name, section_values in values.items():
+        setattr(cfg, name, _merge(getattr(cfg, name), section_values, f"section '{name}'"))
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
+    """Defaults, then the YAML file at ``path``, then ``overrides`` (``{"section.key": value}``)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        with path.open() as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        if not key:
+            raise ConfigError(f"override {dotted!r} must look like 'section.key'")
+        values.setdefault(section, {})
+        if not isinstance(values[section], dict):
+            raise ConfigError(f"section '{section}' must be a mapping")
+        values[section][key] = value
+    return from_dict(values)
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Checks that need no data: ranges and choices. Raises `ConfigError` naming the key."""
+
+    def need(ok: bool, key: str, value: Any, rule: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key} = {value!r} is invalid: {rule}")
+
+    s, t, lp = cfg.scoring, cfg.train, cfg.loop
+    need(s.strategy in STRATEGIES, "scoring.strategy", s.strategy, f"choose one of {list(STRATEGIES)}")
+    need(s.scope in ("all", "last"), "scoring.scope", s.scope, "choose 'all' or 'last'")
+    need(float(s.gamma) >= 0, "scoring.gamma", s.gamma, "must be >= 0 (inf for the influence variant)")
+    need(s.num_scorers >= 1, "scoring.num_scorers", s.num_scorers, "must be >= 1")
+    need(s.batch_size >= 1, "scoring.batch_size", s.batch_size, "must be >= 1")
+    need(t.max_epochs >= 1, "train.max_epochs", t.max_epochs, "must be >= 1")
+    need(t.train_accuracy is None or 0 < t.train_accuracy <= 1, "train.train_accuracy", t.train_accuracy,
+         "must be in (0, 1] or null")
+    need(t.lr > 0, "train.lr", t.lr, "must be > 0")
+    need(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
+    need(t.num_workers >= 0, "train.num_workers", t.num_workers, "must be >= 0 (0 trains in the driver)")
+    need(lp.initial >= 1, "loop.initial", lp.initial, "must be >= 1")
+    need(lp.budget >= 1, "loop.budget", lp.budget, "must be >= 1")
+    need(lp.rounds >= 0, "loop.rounds", lp.rounds, "must be >= 0")
+    need(cfg.data.on_bad_image in ("fail", "skip"), "data.on_bad_image", cfg.data.on_bad_image,
+         "choose 'fail' or 'skip'")
+    need(cfg.model.num_classes >= 2, "model.num_classes", cfg.model.num_classes, "must be >= 2")
+    need(cfg.runtime.no_progress_timeout_s > 0, "runtime.no_progress_timeout_s",
+         cfg.runtime.no_progress_timeout_s, "must be > 0")

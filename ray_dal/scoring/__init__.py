@@ -1,0 +1,26 @@
+"""Per-sample acquisition scores: dynamic AL's training-dynamics score and the uncertainty baselines.
+
+Pure PyTorch: nothing here knows about Ray.
+
+- `labeled_gradient(model, batches, scope)`: G, the summed labeled gradient.
+- `dynamic_scores(model, inputs, grad_sum, gamma, scope)`: s(x) = ||g_x||^2 + gamma <g_x, G>.
+- `least_confidence`, `margin`, `entropy` (of logits) and `random_scores` (of ids and a seed).
+"""
+
+from .engine import UnsupportedModelError, dynamic_scores
+from .labeled import labeled_gradient
+from .params import SCOPES, final_linear, scoped_parameters
+from .uncertainty import entropy, least_confidence, margin, random_scores
+
+__all__ = [
+    "SCOPES",
+    "UnsupportedModelError",
+    "dynamic_scores",
+    "entropy",
+    "final_linear",
+    "labeled_gradient",
+    "least_confidence",
+    "margin",
+    "random_scores",
+    "scoped_parameters",
+]
