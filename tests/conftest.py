@@ -1,0 +1,30 @@
+"""Shared fixtures: one real local Ray cluster per test session, and the real CIFAR-10 Parquet files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR10_DIR = REPO.parent / "shared" / "data" / "cifar10"
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir() -> Path:
+    """../shared/data/cifar10 (train.parquet, test.parquet). Missing data fails loudly, never skips."""
+    if not (CIFAR10_DIR / "train.parquet").is_file():
+        pytest.fail(f"real CIFAR-10 Parquet files are expected at {CIFAR10_DIR} (the shared/ folder beside the repo)")
+    return CIFAR10_DIR
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real embedded Ray cluster with 2 CPUs, shared by all tests; Ray Data fails after 60 s without progress."""
+    import ray
+
+    from ray_dal.runtime import init_ray
+
+    init_ray(num_cpus=2, no_progress_timeout_s=60)
+    yield ray
+    ray.shutdown()
