@@ -7,7 +7,7 @@ Pure PyTorch: nothing here knows about Ray.
 - `least_confidence`, `margin`, `entropy` (of logits) and `random_scores` (of ids and a seed).
 """
 
-from .engine import UnsupportedModelError, dynamic_scores
+from .engine import UnsupportedModelError, dynamic_scores, generic_path_parameters
 from .labeled import labeled_gradient
 from .params import SCOPES, final_linear, scoped_parameters
 from .uncertainty import entropy, least_confidence, margin, random_scores
@@ -18,6 +18,7 @@ __all__ = [
     "dynamic_scores",
     "entropy",
     "final_linear",
+    "generic_path_parameters",
     "labeled_gradient",
     "least_confidence",
     "margin",

@@ -57,6 +57,33 @@ def loop_scores(
     return torch.stack(scores).detach()
 
 
+def per_sample_norm_and_dot(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    params: Mapping[str, torch.Tensor],
+    grad_sum: Mapping[str, torch.Tensor] | None,
+    chunk_size: int | None = 16,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``||g||^2`` and ``<g, G>`` over ``params`` only (a subset of the model's, by full name), via
+    ``torch.func.vmap(grad(...))``; memory ``chunk_size x P``. The model must already be in eval mode."""
+    from torch.func import functional_call, grad, vmap
+
+    detached = {n: p.detach() for n, p in params.items()}
+
+    def loss(p, x):
+        logits = functional_call(model, p, (x.unsqueeze(0),))
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(logits, logits.detach().argmax(dim=1), reduction="sum")
+
+    with torch.no_grad():
+        per_sample = vmap(grad(loss), in_dims=(None, 0), chunk_size=chunk_size)(detached, inputs)
+    sq = sum((g * g).flatten(1).sum(1) for g in per_sample.values())
+    dot = None
+    if grad_sum is not None:
+        dot = sum((g * grad_sum[n].to(g)).flatten(1).sum(1) for n, g in per_sample.items())
+    return sq, dot
+
+
 def vmap_scores(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -65,23 +92,12 @@ def vmap_scores(
     scope: str = "all",
     chunk_size: int | None = 16,
 ) -> torch.Tensor:
-    """``torch.func`` per-sample gradients (memory ``chunk_size x P``). Returns ``[B]``."""
-    from torch.func import functional_call, grad, vmap
-
-    params = {n: p.detach() for n, p in scoped_parameters(model, scope).items()}
+    """``torch.func`` per-sample gradients (memory ``chunk_size x P``), then norm and dot. Returns ``[B]``."""
+    params = scoped_parameters(model, scope)
     if gamma != 0:
         check_grad_sum(params, grad_sum)
-
-    def loss(p, x):
-        logits = functional_call(model, p, (x.unsqueeze(0),))
-        return F.cross_entropy(logits, logits.detach().argmax(dim=1), reduction="sum")
-
     with eval_mode(model):
-        per_sample = vmap(grad(loss), in_dims=(None, 0), chunk_size=chunk_size)(params, inputs)
-    sq = sum((g * g).flatten(1).sum(1) for g in per_sample.values())
-    dot = None
-    if gamma != 0:
-        dot = sum((g * grad_sum[n].to(g)).flatten(1).sum(1) for n, g in per_sample.items())
+        sq, dot = per_sample_norm_and_dot(model, inputs, params, grad_sum if gamma != 0 else None, chunk_size)
     return combine(sq, dot, gamma).detach()
 
 

@@ -1,0 +1,311 @@
+"""Pools: tables of samples (stable int64 id, encoded image, optional int label) in Parquet files.
+
+A pool is one .parquet file, a directory of *.parquet shards (taken in file-name order) or a list of
+files. Columns: ``image`` (binary, an encoded image), optional ``label`` (integer) and optional ``id``
+(integer, unique). Without an ``id`` column a sample's id is its global row index: its position
+counting across the pool's files in order, which is stable as long as the files are.
+
+The driver only ever reads footers and the small id/label columns; image bytes are read by Ray Data
+read tasks, one per Parquet row group.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+ID, IMAGE, LABEL = "id", "image", "label"
+_COLUMN_TYPES = {
+    IMAGE: (lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t), "binary (encoded image bytes)"),
+    LABEL: (pa.types.is_integer, "an integer class index"),
+    ID: (pa.types.is_integer, "an integer"),
+}
+_FIX_FORMAT = "a pool needs an 'image' binary column, and optionally 'label' (integer) and 'id' (unique integer)"
+
+
+class PoolError(ValueError):
+    """A pool is missing, unreadable or malformed; the message names the path and the fix."""
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """One Parquet row group; ``offset`` is the global row index of its first row across the pool's files."""
+
+    path: str
+    index: int
+    offset: int
+    num_rows: int
+    size_bytes: int = 0  # uncompressed size of all its columns, from the footer (a memory estimate)
+
+
+@dataclass(frozen=True)
+class PoolInfo:
+    source: str
+    files: tuple[str, ...]
+    num_rows: int
+    has_label: bool
+    has_id_column: bool
+    row_groups: tuple[RowGroup, ...]
+
+
+def _list_files(source: str | Path | Sequence[str | Path]) -> list[Path]:
+    if isinstance(source, (str, Path)):
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise PoolError(f"pool path {str(path)!r} does not exist. Fix: point it at a .parquet file or a "
+                            "folder of .parquet shards")
+        if path.is_dir():
+            files = sorted(path.glob("*.parquet"))
+            if not files:
+                found = sorted(p.name for p in path.iterdir())[:10]
+                raise PoolError(f"pool folder {str(path)!r} holds no *.parquet files (found {found}). Fix: point "
+                                "it at a folder of .parquet shards or at one .parquet file")
+            return [f.resolve() for f in files]
+        return [path.resolve()]
+    files = [Path(p).expanduser() for p in source]
+    if not files:
+        raise PoolError("pool file list is empty. Fix: pass at least one .parquet file")
+    for f in files:
+        if not f.is_file():
+            raise PoolError(f"pool file {str(f)!r} does not exist or is not a file. Fix: pass existing .parquet files")
+    return [f.resolve() for f in files]
+
+
+def _check_schema(path: Path, schema: pa.Schema) -> tuple[bool, bool]:
+    """Validate one file's columns; returns (has_label, has_id_column)."""
+    names = schema.names
+    if IMAGE not in names:
+        raise PoolError(f"{path}: no 'image' column (columns found: {names}). Fix: {_FIX_FORMAT}")
+    for name, (ok, what) in _COLUMN_TYPES.items():
+        if name in names and not ok(schema.field(name).type):
+            raise PoolError(f"{path}: column '{name}' has type {schema.field(name).type}, but it must be {what}. "
+                            f"Fix: {_FIX_FORMAT}")
+    return LABEL in names, ID in names
+
+
+def _open(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except Exception as e:
+        raise PoolError(f"cannot read {path} as Parquet ({type(e).__name__}: {e}). Fix: check the file is a "
+                        "complete Parquet file (re-write or re-download it), or remove it from the pool") from None
+
+
+def inspect_pool(source: str | Path | Sequence[str | Path]) -> PoolInfo:
+    """Describe and validate a pool from the Parquet footers (plus the ``id`` column, to check uniqueness)."""
+    files = _list_files(source)
+    row_groups: list[RowGroup] = []
+    flags = None
+    offset = 0
+    for path in files:
+        pf = _open(path)
+        file_flags = _check_schema(path, pf.schema_arrow)
+        if flags is None:
+            flags = file_flags
+        elif file_flags != flags:
+            raise PoolError(
+                f"{path}: shards disagree on columns: label/id present = {file_flags}, but {files[0]} has {flags}. "
+                "Fix: give every shard of a pool the same columns")
+        for i in range(pf.metadata.num_row_groups):
+            meta = pf.metadata.row_group(i)
+            if meta.num_rows:
+                row_groups.append(RowGroup(str(path), i, offset, meta.num_rows, int(meta.total_byte_size)))
+                offset += meta.num_rows
+    if offset == 0:
+        raise PoolError(f"pool {source} has no rows. Fix: point it at Parquet files that hold samples")
+    if isinstance(source, (str, Path)):
+        source_str = str(Path(source).expanduser().resolve())
+    else:
+        source_str = os.path.commonpath([str(f) for f in files])
+    info = PoolInfo(source_str, tuple(str(f) for f in files), offset, flags[0], flags[1], tuple(row_groups))
+    if info.has_id_column:
+        _check_unique(info, _read_column(info, ID))
+    return info
+
+
+def _check_unique(info: PoolInfo, ids: np.ndarray) -> None:
+    uniq, counts = np.unique(ids, return_counts=True)
+    if len(uniq) != len(ids):
+        dup = uniq[counts > 1]
+        raise PoolError(f"pool {info.source}: column 'id' has {len(dup)} duplicated value(s), e.g. {dup[:5].tolist()}. "
+                        "Fix: ids must be unique; drop the 'id' column to use row indices as ids")
+
+
+def _as_info(pool: PoolInfo | str | Path | Sequence[str | Path]) -> PoolInfo:
+    return pool if isinstance(pool, PoolInfo) else inspect_pool(pool)
+
+
+def _read_column(info: PoolInfo, name: str) -> np.ndarray:
+    """One integer column of the whole pool as int64 [num_rows], read on the driver (nulls are an error)."""
+    parts = []
+    for path in info.files:
+        col = pq.ParquetFile(path).read(columns=[name]).column(name)
+        if col.null_count:
+            raise PoolError(f"{path}: column '{name}' has {col.null_count} missing value(s). "
+                            "Fix: fill or drop those rows")
+        parts.append(col.to_numpy().astype(np.int64, copy=False))
+    out = np.concatenate(parts) if parts else np.empty(0, np.int64)
+    if len(out) != info.num_rows:
+        raise PoolError(f"pool {info.source} changed since it was inspected ({len(out)} rows, expected "
+                        f"{info.num_rows}). Fix: inspect it again")
+    return out
+
+
+def read_ids(pool: PoolInfo | str | Path) -> np.ndarray:
+    """All ids of the pool, int64 [num_rows], in row order (the id column, else row indices)."""
+    info = _as_info(pool)
+    return _read_column(info, ID) if info.has_id_column else np.arange(info.num_rows, dtype=np.int64)
+
+
+def read_labels(pool: PoolInfo | str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int64 [num_rows], labels int64 [num_rows]) in row order, read on the driver without images."""
+    info = _as_info(pool)
+    if not info.has_label:
+        raise PoolError(f"pool {info.source} has no 'label' column. Fix: use a labelled pool (a 'label' integer "
+                        "column) for training/evaluation, or only read its ids/images")
+    return read_ids(info), _read_column(info, LABEL)
+
+
+def _rows_of(info: PoolInfo, ids) -> np.ndarray:
+    """Sorted unique global row indices of ``ids``; PoolError listing ids that are not in the pool."""
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):
+        raise PoolError(f"ids must be a 1-D integer array, got {ids.dtype} {list(ids.shape)}")
+    ids = np.unique(ids.astype(np.int64))
+    if info.has_id_column:
+        all_ids = _read_column(info, ID)
+        order = np.argsort(all_ids, kind="stable")
+        pos = np.clip(np.searchsorted(all_ids, ids, sorter=order), 0, max(len(order) - 1, 0))
+        found = (all_ids[order[pos]] == ids) if len(order) else np.zeros(len(ids), bool)
+        rows = np.sort(order[pos[found]])
+    else:
+        found = (ids >= 0) & (ids < info.num_rows)
+        rows = ids[found]
+    if not found.all():
+        missing = ids[~found]
+        valid = "its 'id' column" if info.has_id_column else f"row indices 0..{info.num_rows - 1}"
+        raise PoolError(f"{len(missing)} requested id(s) are not in pool {info.source}, e.g. {missing[:10].tolist()}. "
+                        f"Fix: request ids the pool has ({valid}; see read_ids)")
+    return rows
+
+
+def select_row_groups(pool: PoolInfo, ids: np.ndarray | None = None) -> list[tuple[RowGroup, np.ndarray | None]]:
+    """The row groups a read needs: ``(row_group, positions)`` in row-group order.
+
+    ``positions`` (int64, sorted, within the group) are the rows to keep, None for all of them.
+    Row groups that hold none of ``ids`` are left out, so they are never read.
+    """
+    if ids is None:
+        return [(rg, None) for rg in pool.row_groups]
+    rows = _rows_of(pool, ids)
+    plan = []
+    for rg in pool.row_groups:
+        lo, hi = np.searchsorted(rows, [rg.offset, rg.offset + rg.num_rows])
+        if hi > lo:
+            plan.append((rg, rows[lo:hi] - rg.offset))
+    return plan
+
+
+def _read_row_group(
+    rg: RowGroup, positions: np.ndarray | None, columns: tuple[str, ...], has_id: bool
+) -> list[pa.Table]:
+    """Read task body: one row group -> one Arrow table with ``columns`` (id int64, image binary, label int64)."""
+    want = [c for c in columns if c != ID or has_id]
+    table = pq.ParquetFile(rg.path).read_row_group(rg.index, columns=want)
+    if table.num_rows != rg.num_rows:
+        raise PoolError(f"{rg.path}: row group {rg.index} has {table.num_rows} rows, expected {rg.num_rows}; the file "
+                        "changed since the pool was inspected. Fix: inspect the pool again")
+    if positions is not None:
+        table = table.take(pa.array(positions))
+    out = {}
+    for name in columns:
+        if name == ID and not has_id:
+            rows = np.arange(rg.num_rows) if positions is None else positions
+            out[ID] = pa.array(rows + rg.offset, pa.int64())
+        elif name in (ID, LABEL):
+            out[name] = table.column(name).cast(pa.int64())
+        elif name == IMAGE:
+            out[name] = table.column(name).cast(pa.binary())
+        else:
+            out[name] = table.column(name)
+    return [pa.table(out)]
+
+
+class _RowGroupDatasource(Datasource):
+    """One read task per planned row group, in row-group order."""
+
+    def __init__(self, plan: list[tuple[RowGroup, np.ndarray | None]], columns: tuple[str, ...], has_id: bool,
+                 schema: pa.Schema):
+        super().__init__()
+        self._plan, self._columns, self._has_id, self._schema = plan, columns, has_id, schema
+
+    @staticmethod
+    def _rows_and_bytes(rg: RowGroup, positions: np.ndarray | None) -> tuple[int, int]:
+        n = rg.num_rows if positions is None else len(positions)
+        return n, int(rg.size_bytes * n / rg.num_rows)
+
+    def estimate_inmemory_data_size(self) -> int:
+        return sum(self._rows_and_bytes(rg, pos)[1] for rg, pos in self._plan)
+
+    def get_read_tasks(
+        self, parallelism: int, per_task_row_limit: int | None = None, data_context=None
+    ) -> list[ReadTask]:
+        # One task per planned row group whatever ``parallelism`` asks: a row group is the unit of reading.
+        tasks = []
+        for rg, positions in self._plan:
+            num_rows, size = self._rows_and_bytes(rg, positions)
+            meta = BlockMetadata(num_rows=num_rows, size_bytes=size, exec_stats=None, input_files=(rg.path,))
+            fn = functools.partial(_read_row_group, rg, positions, self._columns, self._has_id)
+            tasks.append(ReadTask(fn, meta, schema=self._schema, per_task_row_limit=per_task_row_limit))
+        return tasks
+
+    def get_name(self) -> str:
+        return "ReadPool"
+
+
+def _output_schema(path: str, columns: tuple[str, ...]) -> pa.Schema:
+    file_schema = pq.ParquetFile(path).schema_arrow
+    types = {ID: pa.int64(), IMAGE: pa.binary(), LABEL: pa.int64()}
+    return pa.schema([(c, types.get(c) or file_schema.field(c).type) for c in columns])
+
+
+def read_pool(
+    pool: PoolInfo | str | Path,
+    columns: Sequence[str] = (ID, IMAGE, LABEL),
+    ids: np.ndarray | None = None,
+    num_cpus: float = 0.25,
+    preserve_order: bool = True,
+) -> ray.data.Dataset:
+    """Stream a pool as a Ray Dataset: int64 ``id``, binary ``image``, int64 ``label`` (and other file columns).
+
+    ``label`` is left out when the pool has none. ``ids`` given: only those rows (each once, in pool
+    order), and row groups holding none of them are not read. One read task per row group, each
+    reserving ``num_cpus`` (small, so reads keep running beside actors that hold most CPUs).
+    ``preserve_order`` keeps row-group order (deterministic); turn it off where order does not matter.
+    """
+    # A custom Datasource rather than from_items + map: Ray Data then knows every task's row count and
+    # size up front (memory planning, ds.count() without reading, ds.schema() without executing), and
+    # the read is a plain Read operator whose resources are set here, one task per planned row group.
+    info = _as_info(pool)
+    plan = select_row_groups(info, ids)
+    schema_file = plan[0][0].path if plan else info.files[0]  # only files the read needs are opened
+    columns = tuple(c for c in columns if c != LABEL or info.has_label)
+    file_columns = set(pq.ParquetFile(schema_file).schema_arrow.names) | {ID}
+    unknown = [c for c in columns if c not in file_columns]
+    if unknown or len(set(columns)) != len(columns) or not columns:
+        raise PoolError(f"read_pool columns {list(columns)} are invalid for pool {info.source}: unknown {unknown}; "
+                        f"choose distinct names from {sorted(file_columns)}")
+    source = _RowGroupDatasource(plan, columns, info.has_id_column, _output_schema(schema_file, columns))
+    ds = ray.data.read_datasource(source, num_cpus=num_cpus, override_num_blocks=max(len(plan), 1))
+    ds.context.execution_options.preserve_order = preserve_order
+    return ds

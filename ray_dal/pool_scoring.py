@@ -1,0 +1,324 @@
+"""Score an unlabeled pool with Ray Data scoring actors and return its top-b (ids, scores).
+
+Pool -> read tasks (one per row group) -> `PoolScorer` actors (decode, drop excluded ids, score,
+keep the batch's own top-b) -> driver (`TopB` merge). Only ids and scores reach the driver: memory
+there is O(b) plus one block of per-batch top-b's, never O(pool). The math lives in `ray_dal.scoring`, the decoding in
+`ray_dal.data`, the selection in `ray_dal.topk`; this module only moves things between them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import RayTaskError, UserCodeException
+
+from ray_dal.config import STRATEGIES, ModelConfig, ScoringConfig
+from ray_dal.data import PoolInfo, inspect_pool, preprocess_batch, read_ids, read_pool
+from ray_dal.data.transforms import ON_BAD
+from ray_dal.models import build_model
+from ray_dal.runtime import cluster_has_gpus
+from ray_dal.scoring import dynamic_scores, entropy, least_confidence, margin, random_scores
+from ray_dal.scoring.params import check_grad_sum, scoped_parameters
+from ray_dal.topk import TopB, top_b
+
+_UNCERTAINTY = {"entropy": entropy, "margin": margin, "confidence": least_confidence}
+
+
+@dataclass(frozen=True)
+class PoolQuery:
+    """The pool's top-b: ``ids`` int64 [b] and ``scores`` float64 [b], sorted by (score desc, id asc).
+
+    ``num_scored`` counts the unlabeled samples scored (pool minus excluded ids minus skipped bad
+    images); ``skipped_ids`` lists images that failed to decode under ``on_bad="skip"``; ``seconds``
+    is the wall time of the whole pipeline (actor start-up included).
+    """
+
+    ids: np.ndarray
+    scores: np.ndarray
+    num_scored: int
+    seconds: float
+    skipped_ids: np.ndarray
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.num_scored / self.seconds if self.seconds > 0 else float("inf")
+
+
+def _model_config(model_cfg: ModelConfig | Mapping[str, Any]) -> ModelConfig:
+    """A `ModelConfig` from itself or a mapping of some of its fields (the rest take their defaults)."""
+    if isinstance(model_cfg, ModelConfig):
+        return model_cfg
+    try:
+        return ModelConfig(**model_cfg)
+    except TypeError:
+        fields = [f.name for f in dataclasses.fields(ModelConfig)]
+        raise ValueError(f"model_cfg {dict(model_cfg)} has keys other than ModelConfig's fields {fields}") from None
+
+
+def _build(cfg: ModelConfig, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """``build_model`` from ``cfg`` with ``state_dict`` loaded (strictly), in eval mode, on the CPU."""
+    model = build_model(cfg.name, cfg.num_classes, cfg.in_channels)
+    model.load_state_dict(state_dict)
+    return model.eval()
+
+
+def _resolve(value: Any) -> Any:
+    """``ray.get`` an ObjectRef; pass anything else through (lets a scorer run outside Ray)."""
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
+
+
+def _cpu_share() -> int:
+    """Whole CPUs this Ray actor reserved (at least 1); torch's current thread count outside Ray."""
+    if ray.is_initialized():
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        if cpus is not None:
+            return max(1, int(cpus))
+    return max(1, torch.get_num_threads())
+
+
+def _check_strategy(strategy: str) -> None:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown scoring strategy {strategy!r}; choose one of {list(STRATEGIES)}")
+
+
+def _as_ids(exclude_ids: Any) -> np.ndarray:
+    ids = np.asarray(exclude_ids if exclude_ids is not None else [])
+    if ids.size == 0:
+        return np.empty(0, np.int64)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"exclude_ids must be a 1-D integer array of sample ids, got {ids.dtype} {ids.shape}")
+    return np.unique(ids.astype(np.int64))
+
+
+class ScorerError(UserCodeException):
+    """Carries an exception raised inside a scoring actor to the driver intact (type, message, attributes).
+
+    Ray Data would otherwise wrap it in a ``UserCodeException`` whose pickled form drops the cause;
+    `score_pool` unwraps it and re-raises ``error`` itself. The error travels as (type, args, vars),
+    so error classes whose ``__init__`` takes other arguments than their message (e.g.
+    ``ImageDecodeError``) arrive too.
+    """
+
+    def __init__(self, error: BaseException):
+        self.error = error
+        super().__init__(f"{type(error).__name__}: {error}")
+
+    def __reduce__(self):
+        return (_rebuild_scorer_error, _parts(self.error))
+
+    @classmethod
+    def wrap(cls, error: BaseException) -> "ScorerError":
+        try:
+            pickle.loads(pickle.dumps(_parts(error)))
+        except Exception:  # an unpicklable error still reaches the driver as its type name and message
+            error = RuntimeError(f"{type(error).__name__}: {error}")
+        return cls(error)
+
+
+def _parts(error: BaseException) -> tuple:
+    return type(error), error.args, dict(vars(error))
+
+
+def _rebuild_scorer_error(cls: type, args: tuple, state: dict) -> ScorerError:
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return ScorerError(error)
+
+
+class PoolScorer:
+    """Callable class for ``map_batches``: one model per actor; each batch in, its top-``budget`` out.
+
+    Output per batch (numpy): ``id`` int64, ``score`` float64, ``skipped`` bool (True: an image that
+    failed to decode under ``on_bad="skip"``, score 0, not a candidate) and ``num_scored`` int64,
+    which holds the batch's count of scored samples on its first row and 0 elsewhere (so the column's
+    sum over all batches is the number of samples scored). Errors reach the driver as `ScorerError`:
+    ``ray_dal.topk.NonFiniteScoreError`` naming the ids whose score is NaN or infinite,
+    ``ray_dal.data.ImageDecodeError`` for bad images under ``on_bad="fail"``.
+    """
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig | Mapping[str, Any],
+        state_ref: Any,
+        grad_ref: Any,
+        strategy: str,
+        gamma: float,
+        scope: str,
+        seed: int,
+        budget: int,
+        exclude_ids: np.ndarray,
+        image_size: tuple[int, int] | None = None,
+        on_bad: str = "fail",
+    ):
+        _check_strategy(strategy)
+        self.strategy, self.gamma, self.scope, self.seed = strategy, float(gamma), scope, int(seed)
+        self.budget, self.image_size, self.on_bad = int(budget), image_size, on_bad
+        self.exclude_ids = exclude_ids  # sorted unique int64 (read-only when it came through Ray)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch.set_num_threads(_cpu_share())
+        self.model = self.grad_sum = None
+        if strategy == "random":
+            return  # random scores need no model
+        self.model = _build(_model_config(model_cfg), _resolve(state_ref)).to(self.device)
+        if strategy == "dynamic":
+            grad_sum = _resolve(grad_ref)
+            if grad_sum is not None:
+                self.grad_sum = {n: g.to(self.device) for n, g in grad_sum.items()}
+
+    def _scores(self, ids: np.ndarray, x: torch.Tensor) -> np.ndarray:
+        if self.strategy == "random":
+            return random_scores(ids, self.seed)
+        x = x.to(self.device)
+        if self.strategy == "dynamic":
+            scores = dynamic_scores(self.model, x, self.grad_sum, gamma=self.gamma, scope=self.scope)
+        else:
+            with torch.inference_mode():
+                scores = _UNCERTAINTY[self.strategy](self.model(x))
+        return scores.detach().to("cpu", torch.float64).numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            return self._top_of(batch)
+        except Exception as error:
+            raise ScorerError.wrap(error) from error
+
+    def _top_of(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = np.asarray(batch["id"], dtype=np.int64)
+        keep = ~np.isin(ids, self.exclude_ids)
+        top_ids, top_scores, skipped = np.empty(0, np.int64), np.empty(0, np.float64), np.empty(0, np.int64)
+        count = 0
+        if keep.any():
+            kept = {name: np.asarray(col)[keep] for name, col in batch.items()}  # a copy: batches are read-only
+            pre = preprocess_batch(kept, image_size=self.image_size, on_bad=self.on_bad)
+            scored_ids = np.asarray(pre["id"], dtype=np.int64)
+            skipped = np.setdiff1d(kept["id"], scored_ids)
+            count = scored_ids.size
+            if count:
+                x = torch.from_numpy(pre["x"])
+                top_ids, top_scores = top_b(scored_ids, self._scores(scored_ids, x), self.budget)
+        n = top_ids.size + skipped.size
+        num_scored = np.zeros(n, np.int64)
+        if n:
+            num_scored[0] = count
+        return {
+            "id": np.concatenate([top_ids, skipped]),
+            "score": np.concatenate([top_scores, np.zeros(skipped.size)]),
+            "skipped": np.arange(n) >= top_ids.size,
+            "num_scored": num_scored,
+        }
+
+
+def _scorer_error(error: BaseException) -> BaseException | None:
+    """The exception a scoring actor raised, found behind Ray's wrappers; None if there is none."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, ScorerError):
+            return error.error
+        error = error.cause if isinstance(error, RayTaskError) else error.__cause__
+    return None
+
+
+def score_pool(
+    pool: Any,
+    *,
+    model_cfg: ModelConfig | Mapping[str, Any],
+    state_dict: Mapping[str, torch.Tensor] | None,
+    grad_sum: Mapping[str, torch.Tensor] | None,
+    scoring_cfg: ScoringConfig,
+    budget: int,
+    exclude_ids: np.ndarray,
+    seed: int,
+    progress: bool = True,
+    image_size: tuple[int, int] | None = None,
+    on_bad: str = "fail",
+) -> PoolQuery:
+    """Score every pool sample not in ``exclude_ids`` and return the top ``budget`` (a `PoolQuery`).
+
+    ``pool`` is what `ray_dal.data.read_pool` takes. ``state_dict`` (of ``build_model(**model_cfg)``)
+    and ``grad_sum`` (G, from `ray_dal.scoring.labeled_gradient` with the same scope; needed for
+    ``strategy="dynamic"`` unless gamma == 0) are put in the object store once and fetched once per
+    actor. Needs a running Ray (`ray_dal.runtime.init_ray`). Errors inside the pipeline are re-raised
+    as their root cause (e.g. ``ray_dal.topk.NonFiniteScoreError``, ``ray_dal.data.ImageDecodeError``,
+    with their ids). ``seconds`` runs from shipping the weights to the merged result.
+    """
+    strategy = scoring_cfg.strategy
+    _check_strategy(strategy)
+    if on_bad not in ON_BAD:
+        raise ValueError(f"on_bad = {on_bad!r} is invalid: choose one of {list(ON_BAD)}")
+    model_cfg = _model_config(model_cfg)
+    exclude = _as_ids(exclude_ids)
+    info = pool if isinstance(pool, PoolInfo) else inspect_pool(pool)
+    unlabeled = info.num_rows - int(np.isin(read_ids(info), exclude).sum())
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or not 1 <= budget <= unlabeled:
+        raise ValueError(
+            f"budget b = {budget!r} is invalid: pool {info.source} has {info.num_rows} samples, "
+            f"{info.num_rows - unlabeled} of them in exclude_ids (labeled), so b must be in [1, {unlabeled}]"
+        )
+    start = time.perf_counter()
+    state_ref = grad_ref = None
+    if strategy != "random":
+        _check_model_inputs(model_cfg, state_dict, grad_sum, scoring_cfg)
+        state_ref = ray.put({n: t.detach().cpu() for n, t in state_dict.items()})
+        if strategy == "dynamic" and grad_sum is not None:
+            grad_ref = ray.put({n: t.detach().cpu() for n, t in grad_sum.items()})
+    num_gpus = scoring_cfg.gpus_per_scorer
+    if num_gpus is None:
+        num_gpus = 1 if cluster_has_gpus() else 0
+    ds = read_pool(info, columns=("id", "image"), preserve_order=False).map_batches(
+        PoolScorer,
+        compute=ray.data.ActorPoolStrategy(size=scoring_cfg.num_scorers),
+        num_cpus=scoring_cfg.cpus_per_scorer,
+        num_gpus=num_gpus,
+        batch_size=scoring_cfg.batch_size,
+        batch_format="numpy",
+        fn_constructor_kwargs=dict(
+            model_cfg=model_cfg, state_ref=state_ref, grad_ref=grad_ref, strategy=strategy,
+            gamma=scoring_cfg.gamma, scope=scoring_cfg.scope, seed=seed, budget=int(budget),
+            exclude_ids=exclude, image_size=image_size, on_bad=on_bad,
+        ),
+    )
+    ds.context.enable_progress_bars = progress
+    ds.context.raise_original_map_exception = True  # lets ScorerError (a UserCodeException) through intact
+    merged, num_scored, skipped = TopB(int(budget)), 0, []
+    try:
+        for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            bad = out["skipped"]
+            merged.add(out["id"][~bad], out["score"][~bad])
+            skipped.append(out["id"][bad])
+            num_scored += int(out["num_scored"].sum())
+    except Exception as error:  # show the scorer's own error, not Ray's wrapping of it
+        root = _scorer_error(error)
+        if root is None:
+            raise
+        root.add_note("(raised inside a ray_dal.pool_scoring.PoolScorer actor)")
+        raise root from None
+    seconds = time.perf_counter() - start
+    ids, scores = merged.result()
+    skipped_ids = np.sort(np.concatenate(skipped)) if skipped else np.empty(0, np.int64)
+    if ids.size < budget:
+        raise ValueError(
+            f"budget b = {budget} exceeds the {num_scored} samples that could be scored "
+            f"({skipped_ids.size} bad image(s) skipped, e.g. ids {skipped_ids[:10].tolist()}); lower b"
+        )
+    return PoolQuery(ids=ids, scores=scores, num_scored=num_scored, seconds=seconds, skipped_ids=skipped_ids)
+
+
+def _check_model_inputs(model_cfg: ModelConfig, state_dict, grad_sum, scoring_cfg: ScoringConfig) -> None:
+    """Fail on the driver, before any actor starts, when the weights or G do not fit the model."""
+    if state_dict is None:
+        raise ValueError(f"strategy {scoring_cfg.strategy!r} needs the model's state_dict; got None")
+    try:
+        model = _build(model_cfg, state_dict)
+    except RuntimeError as error:
+        raise ValueError(f"state_dict does not fit {model_cfg}: {error}") from None
+    if scoring_cfg.strategy == "dynamic" and float(scoring_cfg.gamma) != 0:
+        check_grad_sum(scoped_parameters(model, scoring_cfg.scope), grad_sum)

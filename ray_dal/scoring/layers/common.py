@@ -1,0 +1,52 @@
+"""Shared reductions for per-layer handlers.
+
+Every handler returns this layer's share of one sample's ``||g||^2`` and ``<g, G>``: float tensors
+``[B]`` (``dot`` is None when no G is given). Reductions run in float32 or wider, whatever the
+activations' dtype (autocast-safe).
+"""
+
+from __future__ import annotations
+
+import torch
+
+Pair = tuple[torch.Tensor, "torch.Tensor | None"]
+
+# Per-sample weight gradients with T positions (T=1: a plain matrix-vector layer) can be reduced two ways:
+#   materialise: g_b = sum_t d_t a_t^T, then ||g_b||^2 and <g_b, G>     ~ T*in*out flops, B*in*out memory
+#   ghost norm:  ||g_b||^2 = sum_{t,t'} (a_t.a_t')(d_t.d_t')            ~ T^2*(in+out) flops, B*T^2 memory
+#                <g_b, G>  = sum_t d_t . (G a_t)  (the layer's own op)   ~ T*in*out flops
+# Materialising writes B*in*out numbers, which dominates once T is small: measured on a 2-core CPU
+# (benchmarks/), ghost wins when 2*T^2 < in*out, the number of weights (per group).
+METHODS = ("auto", "ghost", "materialize")
+
+
+def prefer_ghost(positions: int, fan_in: int, fan_out: int, method: str) -> bool:
+    """Ghost norm when ``2 T^2 < fan_in * fan_out`` (``method`` "ghost"/"materialize" forces one)."""
+    if method == "ghost":
+        return True
+    if method == "materialize":
+        return False
+    return 2 * positions * positions < fan_in * fan_out
+
+
+def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def norm_and_dot(per_sample: torch.Tensor, grad_sum: torch.Tensor | None) -> Pair:
+    """``||g_b||^2`` and ``<g_b, G>`` for materialised per-sample gradients ``[B, *param_shape]``."""
+    flat = per_sample.flatten(1)
+    sq = (flat * flat).sum(1)
+    dot = None if grad_sum is None else flat @ grad_sum.reshape(-1).to(flat.dtype)
+    return sq, dot
+
+
+def add(total: Pair, part: Pair) -> Pair:
+    sq = total[0] + part[0]
+    dot = None if part[1] is None else (part[1] if total[1] is None else total[1] + part[1])
+    return sq, dot
+
+
+def ghost_sq(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """sum_{t,t'} (a_t.a_t')(d_t.d_t') for ``a [B, T, in]``, ``d [B, T, out]`` (leading dims batched)."""
+    return ((a @ a.transpose(-1, -2)) * (d @ d.transpose(-1, -2))).flatten(1).sum(1)
