@@ -1,0 +1,144 @@
+"""The active-learning loop (simulation: the dataset's labels are the oracle).
+
+Round r = 0..R: train on S (Ray Train, continuing from round r-1's model with a fresh optimiser),
+compute G, measure test accuracy, and, for r < R, score the unlabeled pool (Ray Data) and add the
+top-b query to S. Every round is committed atomically to the run directory (`ray_dal.run_dir`);
+re-running the same command resumes after the last complete round.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ConfigError, ExperimentConfig
+from .data import PoolInfo, inspect_pool, read_labels, read_pool, resolve_cifar10
+from .models import build_model
+from .pool_scoring import score_pool
+from .run_dir import RunDir
+from .runtime import init_ray
+from .training import evaluate, fit_round, prepare_labeled
+
+log = logging.getLogger("ray_dal")
+
+IMAGE_SIZES = {"cifar10": (32, 32)}
+
+
+@dataclass
+class Experiment:
+    """The pools of one experiment and the sample ids it uses (all resolved before any training)."""
+
+    train: PoolInfo
+    test: PoolInfo
+    pool_ids: np.ndarray  # ids that may be labeled or queried (sorted)
+    labels: dict[int, int]  # the oracle: id -> label, for pool_ids
+    outside_pool: np.ndarray  # ids of the training file left out by data.pool_size: never scored
+    test_ids: np.ndarray
+    image_size: tuple[int, int] | None
+
+
+def load_experiment(cfg: ExperimentConfig) -> Experiment:
+    """Resolve the data and check the loop's sizes against it, before any expensive work."""
+    if cfg.data.dataset not in IMAGE_SIZES:
+        raise ConfigError(f"data.dataset = {cfg.data.dataset!r} is not supported; choose one of {sorted(IMAGE_SIZES)}")
+    train_path, test_path = resolve_cifar10(cfg.data.data_dir)
+    train, test = inspect_pool(train_path), inspect_pool(test_path)
+    rng = np.random.default_rng(cfg.loop.seed)
+    ids, labels = read_labels(train)
+    pool_ids = _subsample(ids, cfg.data.pool_size, rng, "data.pool_size")
+    test_ids = _subsample(read_labels(test)[0], cfg.data.test_size, rng, "data.test_size")
+    lp = cfg.loop
+    needed = lp.initial + lp.rounds * lp.budget
+    if needed > len(pool_ids):
+        raise ConfigError(
+            f"loop.initial + loop.rounds * loop.budget = {lp.initial} + {lp.rounds} x {lp.budget} = {needed} "
+            f"exceeds the pool's {len(pool_ids)} samples; lower them or raise data.pool_size"
+        )
+    label_of = dict(zip(ids.tolist(), labels.tolist()))
+    bad = sorted({v for v in label_of.values() if not 0 <= v < cfg.model.num_classes})
+    if bad:
+        raise ConfigError(f"the pool has labels {bad[:10]} outside [0, model.num_classes = {cfg.model.num_classes})")
+    return Experiment(train, test, pool_ids, {i: label_of[i] for i in pool_ids.tolist()},
+                      np.setdiff1d(ids, pool_ids), test_ids, IMAGE_SIZES[cfg.data.dataset])
+
+
+def _subsample(ids: np.ndarray, size: int | None, rng: np.random.Generator, key: str) -> np.ndarray:
+    if size is None:
+        return np.sort(ids)
+    if not 1 <= size <= len(ids):
+        raise ConfigError(f"{key} = {size} is invalid: the data has {len(ids)} samples")
+    return np.sort(rng.choice(ids, size=size, replace=False))
+
+
+def run_experiment(cfg: ExperimentConfig) -> RunDir:
+    """Run (or resume) the experiment of ``cfg`` to its last round; returns its run directory."""
+    run = RunDir(cfg.loop.out)
+    init_ray(cfg.runtime.num_cpus, cfg.runtime.no_progress_timeout_s)
+    exp = load_experiment(cfg)
+    run.start(cfg)
+    done = run.completed_rounds()
+    if done and done[-1] >= cfg.loop.rounds:
+        log.info("%s already holds all %d rounds; nothing to do", run.root, cfg.loop.rounds + 1)
+        return run
+    if done:
+        last = run.load(done[-1])
+        labeled, state = np.union1d(last.labeled_ids, last.selected_ids), last.state_dict
+        log.info("resuming %s after round %d (%d labeled)", run.root, done[-1], len(labeled))
+    else:
+        labeled = np.sort(np.random.default_rng(cfg.loop.seed).choice(exp.pool_ids, cfg.loop.initial, replace=False))
+        torch.manual_seed(cfg.loop.seed)
+        m = cfg.model
+        state = build_model(m.name, m.num_classes, m.in_channels).state_dict()
+    for r in range(len(done), cfg.loop.rounds + 1):
+        state = _run_round(cfg, exp, run, r, labeled, state)
+        if r < cfg.loop.rounds:
+            labeled = np.union1d(labeled, run.load(r).selected_ids)
+    return run
+
+
+def _run_round(cfg: ExperimentConfig, exp: Experiment, run: RunDir, r: int, labeled: np.ndarray, state) -> dict:
+    labels = np.array([exp.labels[i] for i in labeled.tolist()], dtype=np.int64)
+    seed = cfg.loop.seed * 10_000 + r
+    fit = fit_round(
+        cfg.model, cfg.train, prepare_labeled(exp.train, labeled, exp.image_size), state,
+        seed=seed, storage_dir=run.root / "ray_train", name=f"round_{r:03d}", scope=cfg.scoring.scope,
+        compute_grad_sum=cfg.scoring.strategy == "dynamic",
+    )
+    start = time.perf_counter()
+    accuracy = evaluate(cfg.model, fit.state_dict, read_pool(exp.test, ids=exp.test_ids),
+                        num_actors=cfg.scoring.num_scorers, cpus_per_actor=cfg.scoring.cpus_per_scorer,
+                        image_size=exp.image_size)
+    eval_seconds = time.perf_counter() - start
+    unlabeled = len(exp.pool_ids) - len(labeled)
+    query = None
+    if r < cfg.loop.rounds:
+        query = score_pool(
+            exp.train, model_cfg=cfg.model, state_dict=fit.state_dict, grad_sum=fit.grad_sum,
+            scoring_cfg=cfg.scoring, budget=cfg.loop.budget, exclude_ids=np.union1d(labeled, exp.outside_pool),
+            seed=seed, image_size=exp.image_size, on_bad=cfg.data.on_bad_image,
+        )
+    metrics = {
+        "round": r,
+        "n_labeled": int(len(labeled)),
+        "test_accuracy": accuracy,
+        "train_accuracy": fit.train_accuracy,
+        "epochs": fit.epochs,
+        "train_seconds": fit.train_seconds,
+        "grad_seconds": fit.grad_seconds,
+        "eval_seconds": eval_seconds,
+        "score_seconds": None if query is None else query.seconds,
+        "pool_size": int(unlabeled),
+        "samples_per_second": None if query is None else query.samples_per_second,
+        "strategy": cfg.scoring.strategy,
+    }
+    run.write_round(r, labeled, labels, fit.state_dict, metrics,
+                    None if query is None else (query.ids, query.scores))
+    log.info("round %d: %d labeled, test accuracy %.4f, train %.1fs, score %s", r, len(labeled), accuracy,
+             fit.train_seconds, "-" if query is None else f"{query.seconds:.1f}s ({query.samples_per_second:.0f}/s)")
+    return fit.state_dict
+

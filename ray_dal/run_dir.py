@@ -1,0 +1,153 @@
+"""The run directory of an active-learning experiment: its public layout, atomic rounds, resume.
+
+    OUT/config.yaml                  resolved configuration
+    OUT/metrics.jsonl                one JSON line per completed round
+    OUT/round_000/labeled.parquet    (id, label) of the labeled set S used in that round
+    OUT/round_000/model.pt           state_dict trained on S (load with torch.load(..., weights_only=True))
+    OUT/round_000/selected.parquet   (id, score, rank) of the query chosen by that model (not in the last round)
+    OUT/round_000/metrics.json       that round's metrics line
+
+A round is written into ``OUT/.round_000.partial`` and renamed into place once every file is on
+disk, so a ``round_*`` folder is always complete: a run killed at any point resumes after its last
+complete round and never re-queries or duplicates one. ``metrics.jsonl`` is rebuilt from the round
+folders after each round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import yaml
+
+from .config import ConfigError, ExperimentConfig, save_config
+
+_ROUND = re.compile(r"^round_(\d{3,})$")
+
+# Settings that change how fast a run goes but not what it computes: a resumed run may change them.
+_NOT_IDENTITY = {"runtime": None, "data": {"data_dir"}, "scoring": {"num_scorers", "cpus_per_scorer", "gpus_per_scorer",
+                                                                    "batch_size"}, "train": {"cpus_per_worker", "use_gpu"}}
+
+
+@dataclass
+class Round:
+    """What a completed round left on disk."""
+
+    index: int
+    labeled_ids: np.ndarray
+    labeled_labels: np.ndarray
+    state_dict: dict[str, torch.Tensor]
+    selected_ids: np.ndarray | None  # None in the final (evaluation-only) round
+
+
+class RunDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+
+    def round_path(self, index: int) -> Path:
+        return self.root / f"round_{index:03d}"
+
+    def completed_rounds(self) -> list[int]:
+        if not self.root.is_dir():
+            return []
+        found = sorted(int(m.group(1)) for p in self.root.iterdir() if p.is_dir() and (m := _ROUND.match(p.name)))
+        if found != list(range(len(found))):
+            raise ConfigError(f"{self.root} holds rounds {found}: a round is missing; this is not a ray_dal run folder")
+        return found
+
+    def start(self, cfg: ExperimentConfig) -> None:
+        """Create the folder and write config.yaml, or check that a resumed run computes the same thing."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / "config.yaml"
+        if path.exists():
+            before = yaml.safe_load(path.read_text()) or {}
+            diffs = _identity_diffs(before, cfg.to_dict())
+            if diffs:
+                raise ConfigError(
+                    f"{self.root} holds a run with a different configuration ({'; '.join(diffs)}). "
+                    "Resume it with the same settings, or pass a new --out."
+                )
+        _atomic_write(path, lambda tmp: save_config(cfg, tmp))
+        for stale in self.root.glob(".round_*.partial"):  # left by a run killed mid-write
+            shutil.rmtree(stale)
+
+    def load(self, index: int) -> Round:
+        path = self.round_path(index)
+        labeled = pq.read_table(path / "labeled.parquet")
+        selected = path / "selected.parquet"
+        return Round(
+            index=index,
+            labeled_ids=labeled["id"].to_numpy(),
+            labeled_labels=labeled["label"].to_numpy(),
+            state_dict=torch.load(path / "model.pt", map_location="cpu", weights_only=True),
+            selected_ids=pq.read_table(selected)["id"].to_numpy() if selected.exists() else None,
+        )
+
+    def write_round(
+        self,
+        index: int,
+        labeled_ids: np.ndarray,
+        labeled_labels: np.ndarray,
+        state_dict: dict[str, torch.Tensor],
+        metrics: dict[str, Any],
+        selected: tuple[np.ndarray, np.ndarray] | None,
+    ) -> Path:
+        """Write every file of round ``index`` into a partial folder, then rename it into place."""
+        final, partial = self.round_path(index), self.root / f".round_{index:03d}.partial"
+        if final.exists():
+            raise FileExistsError(f"{final} is already complete; a round is never written twice")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        pq.write_table(pa.table({"id": np.asarray(labeled_ids, np.int64),
+                                 "label": np.asarray(labeled_labels, np.int64)}), partial / "labeled.parquet")
+        torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, partial / "model.pt")
+        if selected is not None:
+            ids, scores = selected
+            pq.write_table(pa.table({"id": np.asarray(ids, np.int64), "score": np.asarray(scores, np.float64),
+                                     "rank": np.arange(len(ids), dtype=np.int64)}), partial / "selected.parquet")
+        (partial / "metrics.json").write_text(json.dumps(metrics))
+        _fsync_tree(partial)
+        os.rename(partial, final)
+        self._rebuild_metrics()
+        return final
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return [json.loads((self.round_path(i) / "metrics.json").read_text()) for i in self.completed_rounds()]
+
+    def _rebuild_metrics(self) -> None:
+        lines = "".join(json.dumps(m) + "\n" for m in self.metrics())
+        _atomic_write(self.root / "metrics.jsonl", lambda tmp: Path(tmp).write_text(lines))
+
+
+def _identity_diffs(before: dict, now: dict) -> list[str]:
+    diffs = []
+    for section in sorted(set(before) | set(now)):
+        skip = _NOT_IDENTITY.get(section, set())
+        if skip is None:
+            continue
+        old, new = before.get(section) or {}, now.get(section) or {}
+        for key in sorted(set(old) | set(new)):
+            if key not in skip and old.get(key) != new.get(key):
+                diffs.append(f"{section}.{key}: {old.get(key)!r} before, {new.get(key)!r} now")
+    return diffs
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
