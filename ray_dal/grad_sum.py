@@ -1,0 +1,78 @@
+"""G over a labeled subset of a pool, computed in parallel by Ray Data actors (for `ray-dal select`).
+
+Each actor sums ``ray_dal.scoring.labeled_gradient`` over its batches and emits one flat partial
+sum per batch; the driver adds them up. Labels come from the caller (a human's labels), not from
+the pool, which may have none. The AL loop computes G inside its Ray Train workers instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import ray
+import torch
+
+from .config import ModelConfig
+from .data import PoolInfo, preprocess_batch, read_pool
+from .pool_scoring import _build, _cpu_share, _resolve
+from .runtime import cluster_has_gpus
+from .scoring import labeled_gradient, scoped_parameters
+
+
+class _PartialGradSum:
+    def __init__(self, model_cfg: ModelConfig, state_ref: Any, ids: np.ndarray, labels: np.ndarray, scope: str,
+                 image_size):
+        torch.set_num_threads(_cpu_share())
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = _build(model_cfg, _resolve(state_ref)).to(self.device)
+        self.ids, self.labels, self.scope, self.image_size = ids, labels, scope, image_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pre = preprocess_batch(dict(batch), image_size=self.image_size, on_bad="fail")
+        y = torch.from_numpy(self.labels[np.searchsorted(self.ids, pre["id"])])
+        g = labeled_gradient(self.model, (torch.from_numpy(pre["x"]).to(self.device), y.to(self.device)), self.scope)
+        flat = torch.cat([t.reshape(-1) for t in g.values()]).to("cpu", torch.float64).numpy()
+        return {"n": np.array([len(y)]), "g": flat[None]}
+
+
+def pool_grad_sum(
+    pool: PoolInfo,
+    ids: np.ndarray,
+    labels: np.ndarray,
+    *,
+    model_cfg: ModelConfig,
+    state_dict: Mapping[str, torch.Tensor],
+    scope: str = "all",
+    num_actors: int = 1,
+    cpus_per_actor: float = 0.5,
+    batch_size: int = 512,
+    image_size: tuple[int, int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """G = sum over the pool rows ``ids`` (with ``labels``) of grad CE, keyed like named_parameters (float32)."""
+    ids, labels = np.asarray(ids, np.int64), np.asarray(labels, np.int64)
+    order = np.argsort(ids)
+    ids, labels = ids[order], labels[order]
+    shapes = {n: p.shape for n, p in scoped_parameters(_build(model_cfg, state_dict), scope).items()}
+    ds = read_pool(pool, columns=("id", "image"), ids=ids, preserve_order=False).map_batches(
+        _PartialGradSum,
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        num_cpus=cpus_per_actor,
+        num_gpus=1 if cluster_has_gpus() else 0,
+        batch_size=batch_size,
+        batch_format="numpy",
+        fn_constructor_kwargs=dict(model_cfg=model_cfg, state_ref=ray.put(dict(state_dict)), ids=ids, labels=labels,
+                                   scope=scope, image_size=image_size),
+    )
+    total, count = np.zeros(sum(int(np.prod(s)) for s in shapes.values())), 0
+    for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        total += out["g"].sum(0)
+        count += int(out["n"].sum())
+    if count != len(ids):
+        raise RuntimeError(f"G summed {count} labeled samples, expected {len(ids)}")
+    grads, start = {}, 0
+    for name, shape in shapes.items():
+        size = int(np.prod(shape))
+        grads[name] = torch.from_numpy(total[start : start + size].reshape(shape)).float()
+        start += size
+    return grads
