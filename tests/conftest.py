@@ -6,8 +6,13 @@ from pathlib import Path
 
 import pytest
 
+from .slices import write_slice
+
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10_DIR = REPO.parent / "shared" / "data" / "cifar10"
+# A small experiment on `cifar10_slice`: 200 initial labels, 2 rounds of 100, 2 epochs per round.
+JOB_ARGS = ["--initial", "200", "--budget", "100", "--rounds", "2", "--epochs", "2",
+            "--num-workers", "2", "--num-scorers", "1", "--seed", "3"]
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +33,12 @@ def ray_local():
     init_ray(num_cpus=2, no_progress_timeout_s=60)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def cifar10_slice(tmp_path_factory, cifar10_dir) -> Path:
+    """Seeded slices of the real CIFAR-10 files (2,000 train / 300 test rows, original row ids in ``id``)."""
+    folder = tmp_path_factory.mktemp("cifar10_slice")
+    write_slice(cifar10_dir / "train.parquet", folder / "train.parquet", 2000, seed=1)
+    write_slice(cifar10_dir / "test.parquet", folder / "test.parquet", 300, seed=2)
+    return folder

@@ -20,12 +20,9 @@ import yaml
 from ray_dal.cli import main as ray_dal_main
 from ray_dal.models import build_model
 
-from .conftest import REPO
-from .slices import write_slice
+from .conftest import JOB_ARGS, REPO
 
 ROUNDS, INITIAL, BUDGET = 2, 200, 100
-JOB_ARGS = ["--initial", str(INITIAL), "--budget", str(BUDGET), "--rounds", str(ROUNDS), "--epochs", "2",
-            "--num-workers", "2", "--num-scorers", "1", "--seed", "3"]
 
 
 def run_job(argv: list[str]) -> None:
@@ -36,12 +33,8 @@ def run_job(argv: list[str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, cifar10_dir) -> Path:
-    """Seeded slices of the real CIFAR-10 files (2,000 train / 300 test rows, original row ids kept)."""
-    folder = tmp_path_factory.mktemp("cifar10_slice")
-    write_slice(cifar10_dir / "train.parquet", folder / "train.parquet", 2000, seed=1)
-    write_slice(cifar10_dir / "test.parquet", folder / "test.parquet", 300, seed=2)
-    return folder
+def data_dir(cifar10_slice) -> Path:
+    return cifar10_slice
 
 
 @pytest.fixture(scope="module")
