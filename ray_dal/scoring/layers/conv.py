@@ -82,7 +82,18 @@ def _ghost_sq(module, x, d, padding) -> torch.Tensor:
     if len(kernel) == 1:  # a Conv1d is a Conv2d of height 1
         x, d = x.unsqueeze(2), d.unsqueeze(2)
         kernel, stride, dilation, padding = (1, *kernel), (1, *stride), (1, *dilation), (0, *padding)
-    U = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # [B, C*K, L]
+    U = _patches(F.pad(x, [p for p in reversed(padding) for _ in range(2)]), kernel, stride, dilation)
     U = U.reshape(B, groups, -1, U.shape[-1]).transpose(-1, -2)  # [B, g, L, C/g*K]
     D = d.reshape(B, groups, -1, U.shape[-2]).transpose(-1, -2)  # [B, g, L, O/g]
     return ghost_sq(U, D)
+
+
+def _patches(x: torch.Tensor, kernel, stride, dilation) -> torch.Tensor:
+    """``F.unfold`` of an already padded ``[B, C, H, W]`` (``[B, C*kh*kw, L]``) via a strided view and one
+    copy: several times faster than ``F.unfold``'s im2col on CPU."""
+    B, C, H, W = x.shape
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    out_h, out_w = (H - dh * (kh - 1) - 1) // sh + 1, (W - dw * (kw - 1) - 1) // sw + 1
+    s = x.stride()
+    view = x.as_strided((B, C, kh, kw, out_h, out_w), (s[0], s[1], s[2] * dh, s[3] * dw, s[2] * sh, s[3] * sw))
+    return view.reshape(B, C * kh * kw, out_h * out_w)
