@@ -1,0 +1,493 @@
+"""One active-learning round on Ray: fit the model with Ray Train, sum the labeled gradient G, test accuracy.
+
+- `prepare_labeled(pool, ids)`: the labeled set decoded once per round (columns ``id``, ``x``, ``label``).
+- `fit_round(...) -> RoundFit`: DDP training on Ray Train workers, then G over every labeled sample,
+  computed by the same workers and all-reduced.
+- `evaluate(...)`: exact test accuracy through a Ray Data actor pool.
+
+Sharding. Ray Train's default split (``streaming_split(equal=True)``) drops rows to equalise shards,
+which would silently change G. Instead the driver partitions the labeled ids (a seeded permutation,
+dealt round-robin: shard sizes differ by at most one) and every worker reads the materialised labeled
+set once per round (``DataConfig(datasets_to_split=[])``), keeps the rows whose ids it was dealt and
+checks it got all of them. Every labeled sample is then trained on once per epoch, counted once in the
+training accuracy and once in G.
+
+Steps. Each epoch every worker cuts its shuffled shard into the same number of steps S
+(``ceil(N / batch_size)``, at most the smallest shard), and scales its summed loss so that DDP's
+gradient average equals the gradient of the mean CE over the step's *global* batch: the same update
+one process would make on the union of the workers' batches. ``train_cfg.batch_size`` is the global
+batch size.
+
+Checkpoints. Rank 0 reports a checkpoint (``model.pt``: epoch, model, optimizer, training accuracy,
+done flag) after every epoch under ``<storage_dir>/<name>/epoch_NNNN`` (the latest two are kept).
+A worker that dies restarts from the latest one (``max_failures``). Calling `fit_round` again with
+the same ``storage_dir``/``name`` resumes that run (Ray Train restores it); ``round.json`` there holds
+a fingerprint of the round's inputs, and a different round under the same name is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import ray
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from torch import nn
+
+from .config import ExperimentConfig, ModelConfig, TrainConfig, validate
+from .data import PoolInfo, preprocess_batch, read_pool
+from .models import build_model
+from .runtime import cluster_has_gpus
+from .scoring import labeled_gradient, scoped_parameters
+
+DATASET = "labeled"
+CHECKPOINT_FILE = "model.pt"
+FINGERPRINT_FILE = "round.json"
+KEEP_CHECKPOINTS = 2
+
+
+class TrainingError(RuntimeError):
+    """A round failed inside Ray Train; the message names the round and the underlying error."""
+
+
+@dataclass
+class RoundFit:
+    """What one round's fit returns to the driver (everything on CPU)."""
+
+    state_dict: dict[str, torch.Tensor]  # trained model, plain keys (no DDP "module." prefix)
+    grad_sum: dict[str, torch.Tensor] | None  # G over all labeled samples, float32, keys as named_parameters()
+    train_accuracy: float  # in [0, 1], over every labeled sample in the last epoch (train-mode forward)
+    epochs: int  # epochs trained in this round, including any done before a resume
+    train_seconds: float  # rank 0's wall time in the epoch loop (this attempt)
+    grad_seconds: float  # rank 0's wall time for G, all-reduce included (0 when not computed)
+    resumed_from_epoch: int = 0  # the checkpoint epoch the final attempt started from (0: from init_state)
+
+
+# ----------------------------------------------------------------------------------------- labeled set
+
+
+def prepare_labeled(pool: PoolInfo | str, ids: np.ndarray, image_size: tuple[int, int] | None = None) -> ray.data.Dataset:
+    """Read the rows ``ids`` of ``pool``, decode them once and materialise: columns ``id``, ``x``, ``label``.
+
+    Raises ``ValueError`` for empty, non-integer or duplicate ids, or ids the pool does not hold.
+    """
+    ids = _check_ids(ids)
+    labeled = read_pool(pool, ids=ids).map_batches(
+        preprocess_batch, batch_format="numpy", fn_kwargs={"image_size": image_size}
+    ).materialize()
+    found = labeled.count()
+    if found != len(ids):
+        raise ValueError(f"the pool holds {found} of the {len(ids)} requested labeled ids")
+    return labeled
+
+
+def _check_ids(ids: Any) -> np.ndarray:
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or ids.size == 0:
+        raise ValueError(f"ids must be a non-empty 1-D array, got shape {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"ids must be integers, got dtype {ids.dtype}")
+    ids = ids.astype(np.int64)
+    uniq, counts = np.unique(ids, return_counts=True)
+    if len(uniq) != len(ids):
+        raise ValueError(f"ids hold duplicates, e.g. {uniq[counts > 1][:5].tolist()}")
+    return ids
+
+
+def _labeled_ids(labeled: ray.data.Dataset) -> np.ndarray:
+    """The ``id`` column of the labeled set (checked unique), after checking its columns."""
+    columns = set(labeled.columns() or ())
+    missing = {"id", "x", "label"} - columns
+    if missing:
+        raise ValueError(
+            f"the labeled dataset lacks column(s) {sorted(missing)} (has {sorted(columns)}); "
+            "build it with ray_dal.training.prepare_labeled"
+        )
+    chunks = [b["id"] for b in labeled.select_columns(["id"]).iter_batches(batch_format="numpy", batch_size=None)]
+    return _check_ids(np.concatenate(chunks) if chunks else np.empty(0, np.int64))
+
+
+def deal_shards(ids: np.ndarray, num_shards: int, seed: int) -> list[np.ndarray]:
+    """A seeded, balanced partition of ``ids`` (sizes differ by at most one); independent of input order."""
+    perm = np.random.default_rng(seed).permutation(np.sort(ids))
+    return [np.sort(perm[r::num_shards]) for r in range(num_shards)]
+
+
+def step_plan(shard_sizes: list[int], batch_size: int) -> tuple[int, np.ndarray]:
+    """Steps per epoch S and the global batch size of each step when every shard is cut in S pieces."""
+    n = sum(shard_sizes)
+    steps = max(1, min(math.ceil(n / batch_size), min(shard_sizes)))
+    counts = np.zeros(steps, np.int64)
+    for size in shard_sizes:  # np.array_split: the first size % S pieces get one more row
+        counts += size // steps + (np.arange(steps) < size % steps)
+    return steps, counts
+
+
+# ------------------------------------------------------------------------------------------- fitting
+
+
+def fit_round(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    labeled: ray.data.Dataset,
+    init_state: dict[str, torch.Tensor] | None,
+    *,
+    seed: int,
+    storage_dir: str | Path,
+    name: str,
+    scope: str = "all",
+    compute_grad_sum: bool = True,
+    max_failures: int = 2,
+) -> RoundFit:
+    """Train ``init_state`` (or a ``seed``-initialised model) on ``labeled`` with Ray Train, then compute G.
+
+    ``labeled`` is `prepare_labeled`'s output (columns ``id``, ``x``, ``label``). The round stops after
+    ``train_cfg.max_epochs`` epochs or once the epoch's training accuracy reaches
+    ``train_cfg.train_accuracy``. ``train_cfg.num_workers = 0`` runs the loop in this process (Ray
+    Train's local mode: no checkpoints, no retries). Raises `TrainingError` when Ray Train fails.
+    """
+    _check_fit_inputs(model_cfg, train_cfg, init_state, scope, name, max_failures)
+    storage = Path(storage_dir).expanduser().resolve()
+    ids = _labeled_ids(labeled)
+    world = max(train_cfg.num_workers, 1)
+    if len(ids) < world:
+        raise ValueError(f"the labeled set has {len(ids)} rows, fewer than train.num_workers = {world}")
+    use_gpu = cluster_has_gpus() if train_cfg.use_gpu is None else bool(train_cfg.use_gpu)
+    local = train_cfg.num_workers == 0
+    if not local:
+        _claim_run_dir(storage / name, _fingerprint(model_cfg, train_cfg, ids, init_state, seed))
+
+    config = {
+        "model_cfg": asdict(model_cfg),
+        "train_cfg": asdict(train_cfg),
+        "init_state": None if init_state is None else ray.put(_cpu(init_state)),
+        "shards": deal_shards(ids, world, seed),
+        "seed": int(seed),
+        "scope": scope,
+        "compute_grad_sum": bool(compute_grad_sum),
+        "checkpoint": not local,
+    }
+    resources = {"CPU": float(train_cfg.cpus_per_worker)}  # use_gpu adds {"GPU": 1}
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(
+            num_workers=train_cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            storage_path=str(storage),
+            name=name,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+        ),
+        datasets={DATASET: labeled},
+        dataset_config=DataConfig(datasets_to_split=[]),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray wraps worker errors (TrainingFailedError); name the round
+        raise TrainingError(f"round {name!r} (storage {storage / name}) failed: {type(e).__name__}: {e}") from e
+    if result.return_value is None:
+        raise TrainingError(f"round {name!r} (storage {storage / name}) finished without a result from rank 0")
+    out = dict(result.return_value)
+    out.update(torch.load(io.BytesIO(out.pop("tensors")), map_location="cpu", weights_only=True))
+    return RoundFit(**out)
+
+
+def _check_fit_inputs(model_cfg, train_cfg, init_state, scope, name, max_failures) -> None:
+    """Fail on the driver, before Ray Train starts (a worker error would be retried ``max_failures`` times)."""
+    validate(ExperimentConfig(model=model_cfg, train=train_cfg))
+    if not name or "/" in name or name in (".", ".."):
+        raise ValueError(f"name must be a non-empty folder name, got {name!r}")
+    if max_failures < -1:
+        raise ValueError(f"max_failures must be >= -1 (-1: retry forever), got {max_failures}")
+    model = build_model(model_cfg.name, model_cfg.num_classes, model_cfg.in_channels)
+    scoped_parameters(model, scope)  # raises for an unknown scope or a model without a final Linear
+    if init_state is not None:
+        try:
+            model.load_state_dict(init_state)
+        except RuntimeError as e:
+            raise ValueError(f"init_state does not fit model {model_cfg.name!r}: {e}") from None
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def _fingerprint(model_cfg, train_cfg, ids, init_state, seed) -> str:
+    """A digest of what defines the trained model (not worker count, resources or G's scope)."""
+    h = hashlib.sha256()
+    t = train_cfg
+    h.update(json.dumps([asdict(model_cfg), t.max_epochs, t.train_accuracy, t.lr, t.batch_size, int(seed)]).encode())
+    h.update(np.sort(ids).tobytes())
+    for key, value in sorted((init_state or {}).items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _claim_run_dir(run_dir: Path, fingerprint: str) -> None:
+    """Record the round's fingerprint in ``run_dir``; refuse a folder that belongs to another round."""
+    marker = run_dir / FINGERPRINT_FILE
+    if marker.is_file():
+        if json.loads(marker.read_text()).get("fingerprint") != fingerprint:
+            raise ValueError(
+                f"{run_dir} holds checkpoints of a different round (other data, model, seed or settings); "
+                "use another name or delete the folder"
+            )
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"fingerprint": fingerprint}))
+
+
+# ----------------------------------------------------------------------------------- on each worker
+
+
+def _train_loop(config: dict) -> dict | None:
+    """Ray Train worker: load the shard, train (resuming from a checkpoint), G, rank 0 returns the result."""
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    model_cfg, train_cfg = ModelConfig(**config["model_cfg"]), TrainConfig(**config["train_cfg"])
+    threads = max(1, round(train_cfg.cpus_per_worker))
+    with _torch_threads(threads if config["checkpoint"] else None):
+        device = ray.train.torch.get_device()
+        shards = config["shards"]
+        x, y = _load_shard(ray.train.get_dataset_shard(DATASET), shards[rank], rank)
+
+        ddp, module, optimizer, (epoch, accuracy, done) = _model_and_optimizer(config, model_cfg, train_cfg)
+        resumed_from_epoch = epoch
+
+        total = sum(len(s) for s in shards)
+        steps, step_counts = step_plan([len(s) for s in shards], train_cfg.batch_size)
+        start = time.perf_counter()
+        while not done:
+            order = np.random.default_rng([config["seed"], epoch, rank]).permutation(len(y))
+            correct, seen = _train_epoch(ddp, optimizer, x, y, np.array_split(order, steps), step_counts, world, device)
+            correct, seen = _all_reduce_sum(torch.tensor([correct, seen], dtype=torch.int64)).tolist()
+            if seen != total:
+                raise RuntimeError(f"epoch {epoch + 1} trained on {seen} samples, expected {total}")
+            epoch, accuracy = epoch + 1, correct / seen
+            target = train_cfg.train_accuracy
+            done = epoch >= train_cfg.max_epochs or (target is not None and accuracy >= target)
+            _report(epoch, accuracy, done, module, optimizer, rank, config["checkpoint"])
+        train_seconds = time.perf_counter() - start
+
+        _broadcast_buffers(module)  # DDP leaves each rank with its own BN running stats after the last step
+        grad_sum, grad_seconds = None, 0.0
+        if config["compute_grad_sum"]:
+            start = time.perf_counter()
+            batches = ((x[i : i + train_cfg.batch_size].to(device), y[i : i + train_cfg.batch_size].to(device))
+                       for i in range(0, len(y), train_cfg.batch_size))
+            grad_sum = _all_reduce_sum(labeled_gradient(module, batches, config["scope"]))
+            grad_seconds = time.perf_counter() - start
+    if rank != 0:
+        return None
+    tensors = {
+        "state_dict": _cpu(module.state_dict()),
+        "grad_sum": None if grad_sum is None else {k: v.detach().cpu().float() for k, v in grad_sum.items()},
+    }
+    buffer = io.BytesIO()  # Ray Train refuses return values holding tensors; torch.save keeps them exact
+    torch.save(tensors, buffer)
+    return {"tensors": buffer.getvalue(), "train_accuracy": float(accuracy), "epochs": int(epoch),
+            "train_seconds": train_seconds, "grad_seconds": grad_seconds, "resumed_from_epoch": resumed_from_epoch}
+
+
+def _model_and_optimizer(config: dict, model_cfg: ModelConfig, train_cfg: TrainConfig):
+    """The (DDP-wrapped) model, its plain module and a fresh Adam, restored from Ray Train's latest
+    checkpoint when there is one (else from ``init_state``, else a seeded init), with (epoch, accuracy, done)."""
+    torch.manual_seed(config["seed"])
+    model = build_model(model_cfg.name, model_cfg.num_classes, model_cfg.in_channels)
+    if config["init_state"] is not None:
+        model.load_state_dict(ray.get(config["init_state"]))
+    resume = _read_checkpoint(ray.train.get_checkpoint())
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+    ddp = ray.train.torch.prepare_model(model)  # moves to the worker's device; DDP when world > 1
+    module = ddp.module if isinstance(ddp, nn.parallel.DistributedDataParallel) else ddp
+    optimizer = torch.optim.Adam(ddp.parameters(), lr=train_cfg.lr)
+    if resume is None:
+        return ddp, module, optimizer, (0, 0.0, False)
+    optimizer.load_state_dict(resume["optimizer"])
+    return ddp, module, optimizer, (resume["epoch"], resume["train_accuracy"], resume["done"])
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Use ``n`` intra-op threads inside the block (``None``: leave the process's setting alone)."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _load_shard(iterator, shard_ids: np.ndarray, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read the whole labeled set once, keep the rows of ``shard_ids`` (sorted by id); all must be there."""
+    ids, xs, ys = [], [], []
+    for batch in iterator.iter_batches(batch_format="numpy", batch_size=None):
+        keep = np.isin(batch["id"], shard_ids)
+        ids.append(batch["id"][keep])
+        xs.append(np.asarray(batch["x"][keep], dtype=np.float32))
+        ys.append(batch["label"][keep])
+    got = np.concatenate(ids) if ids else np.empty(0, np.int64)
+    if len(got) != len(shard_ids) or not np.array_equal(np.sort(got), shard_ids):
+        raise RuntimeError(
+            f"worker {rank} found {len(got)} rows for its {len(shard_ids)} labeled ids "
+            "(the labeled dataset changed or holds duplicate ids)"
+        )
+    order = np.argsort(got, kind="stable")
+    x = torch.from_numpy(np.concatenate(xs)[order])
+    y = torch.from_numpy(np.concatenate(ys)[order].astype(np.int64))
+    return x, y
+
+
+def _train_epoch(ddp, optimizer, x, y, pieces, step_counts, world, device) -> tuple[int, int]:
+    """One epoch; step s's loss is scaled so DDP's average is the mean CE over the global batch."""
+    ddp.train()
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
+    for idx, count in zip(pieces, step_counts):
+        idx = torch.from_numpy(idx)
+        xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+        logits = ddp(xb)
+        loss = F.cross_entropy(logits, yb, reduction="sum") * (world / float(count))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        correct += (logits.detach().argmax(dim=1) == yb).sum()
+        seen += len(idx)
+    return int(correct.item()), seen
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce_sum(values):
+    """Sum a tensor, or a dict of tensors (one flat all-reduce), over the workers; identity when alone."""
+    if not _distributed():
+        return values
+    if isinstance(values, torch.Tensor):
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values
+    flat = torch.cat([v.reshape(-1) for v in values.values()])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    out, offset = {}, 0
+    for k, v in values.items():
+        out[k] = flat[offset : offset + v.numel()].view_as(v)
+        offset += v.numel()
+    return out
+
+
+def _broadcast_buffers(module: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics)."""
+    if _distributed():
+        for buf in module.buffers():
+            dist.broadcast(buf, src=0)
+
+
+def _report(epoch, accuracy, done, module, optimizer, rank, checkpoint: bool) -> None:
+    """All ranks report the epoch's metrics; rank 0 attaches the checkpoint."""
+    metrics = {"epoch": epoch, "train_accuracy": accuracy, "done": done}
+    if not (checkpoint and rank == 0):
+        ray.train.report(metrics)
+        return
+    state = {"epoch": epoch, "train_accuracy": accuracy, "done": done,
+             "model": module.state_dict(), "optimizer": optimizer.state_dict()}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(state, Path(tmp) / CHECKPOINT_FILE)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=f"epoch_{epoch:04d}")
+
+
+def _read_checkpoint(checkpoint: Checkpoint | None) -> dict | None:
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+
+
+class _Evaluator:
+    """Ray Data actor: the model loaded once; each batch becomes one row (correct, n)."""
+
+    def __init__(self, model_cfg: dict, state, decode: bool, image_size: tuple[int, int] | None, use_gpu: bool):
+        cfg = ModelConfig(**model_cfg)
+        state = ray.get(state) if isinstance(state, ray.ObjectRef) else state
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = build_model(cfg.name, cfg.num_classes, cfg.in_channels)
+        self.model.load_state_dict(state)
+        self.model.to(self.device).eval()
+        self.decode, self.image_size = decode, image_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.decode:
+            batch = preprocess_batch(batch, image_size=self.image_size)
+        labels = torch.from_numpy(np.asarray(batch["label"], dtype=np.int64)).to(self.device)
+        if len(labels) == 0:
+            return {"correct": np.zeros(1, np.int64), "n": np.zeros(1, np.int64)}
+        with torch.inference_mode():
+            logits = self.model(torch.from_numpy(np.array(batch["x"], dtype=np.float32)).to(self.device))
+        correct = int((logits.argmax(dim=1) == labels).sum().item())
+        return {"correct": np.array([correct], np.int64), "n": np.array([len(labels)], np.int64)}
+
+
+def evaluate(
+    model_cfg: ModelConfig,
+    state_dict: dict[str, torch.Tensor],
+    test: ray.data.Dataset,
+    *,
+    batch_size: int = 512,
+    num_actors: int = 1,
+    cpus_per_actor: float = 0.5,
+    image_size: tuple[int, int] | None = None,
+) -> float:
+    """Exact accuracy (correct / rows, over every row of ``test``) of the model ``state_dict``.
+
+    ``test`` has columns ``x``, ``label`` (decoded) or ``image``, ``label`` (decoded in the actors).
+    Runs on ``num_actors`` Ray Data actors, one GPU each when the cluster has GPUs.
+    """
+    if batch_size < 1 or num_actors < 1 or cpus_per_actor < 0:
+        raise ValueError(f"need batch_size >= 1, num_actors >= 1, cpus_per_actor >= 0; got "
+                         f"{batch_size}, {num_actors}, {cpus_per_actor}")
+    columns = set(test.columns() or ())
+    if {"x", "label"} <= columns:
+        decode, keep = False, ["x", "label"]
+    elif {"image", "label"} <= columns:
+        decode, keep = True, [c for c in ("id", "image", "label") if c in columns]
+    else:
+        raise ValueError(f"the test dataset needs columns x, label or image, label; it has {sorted(columns)}")
+    use_gpu = cluster_has_gpus()
+    counts = test.select_columns(keep).map_batches(
+        _Evaluator,
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_cpus=cpus_per_actor,
+        num_gpus=1 if use_gpu else 0,
+        fn_constructor_kwargs={"model_cfg": asdict(model_cfg), "state": ray.put(_cpu(state_dict)),
+                               "decode": decode, "image_size": image_size, "use_gpu": use_gpu},
+    )
+    correct = total = 0
+    for batch in counts.iter_batches(batch_format="numpy", batch_size=None):
+        correct += int(batch["correct"].sum())
+        total += int(batch["n"].sum())
+    if total == 0:
+        raise ValueError("the test dataset is empty")
+    return correct / total
