@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .config import STRATEGIES, ModelConfig, ScoringConfig, validate, ExperimentConfig
+from .config import STRATEGIES, ExperimentConfig, ModelConfig, ScoringConfig, validate
 from .data import inspect_pool, write_synthetic_pool
 from .grad_sum import pool_grad_sum
 from .pool_scoring import score_pool

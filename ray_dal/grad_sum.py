@@ -13,9 +13,9 @@ import numpy as np
 import ray
 import torch
 
+from .actors import actor_device, load_model, use_cpu_share
 from .config import ModelConfig
 from .data import PoolInfo, preprocess_batch, read_pool
-from .pool_scoring import _build, _cpu_share, _resolve
 from .runtime import cluster_has_gpus
 from .scoring import labeled_gradient, scoped_parameters
 
@@ -23,9 +23,9 @@ from .scoring import labeled_gradient, scoped_parameters
 class _PartialGradSum:
     def __init__(self, model_cfg: ModelConfig, state_ref: Any, ids: np.ndarray, labels: np.ndarray, scope: str,
                  image_size):
-        torch.set_num_threads(_cpu_share())
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = _build(model_cfg, _resolve(state_ref)).to(self.device)
+        use_cpu_share()
+        self.device = actor_device()
+        self.model = load_model(model_cfg, state_ref, self.device)
         self.ids, self.labels, self.scope, self.image_size = ids, labels, scope, image_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -53,7 +53,7 @@ def pool_grad_sum(
     ids, labels = np.asarray(ids, np.int64), np.asarray(labels, np.int64)
     order = np.argsort(ids)
     ids, labels = ids[order], labels[order]
-    shapes = {n: p.shape for n, p in scoped_parameters(_build(model_cfg, state_dict), scope).items()}
+    shapes = {n: p.shape for n, p in scoped_parameters(load_model(model_cfg, state_dict), scope).items()}
     ds = read_pool(pool, columns=("id", "image"), ids=ids, preserve_order=False).map_batches(
         _PartialGradSum,
         compute=ray.data.ActorPoolStrategy(size=num_actors),

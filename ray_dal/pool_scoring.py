@@ -8,7 +8,6 @@ there is O(b) plus one block of per-batch top-b's, never O(pool). The math lives
 
 from __future__ import annotations
 
-import dataclasses
 import pickle
 import time
 from dataclasses import dataclass
@@ -19,12 +18,24 @@ import ray
 import torch
 from ray.exceptions import RayTaskError, UserCodeException
 
+from ray_dal.actors import (
+    actor_device,
+    load_model,
+    model_config,
+    resolve,
+    use_cpu_share,
+)
 from ray_dal.config import STRATEGIES, ModelConfig, ScoringConfig
 from ray_dal.data import PoolInfo, inspect_pool, preprocess_batch, read_ids, read_pool
 from ray_dal.data.transforms import ON_BAD
-from ray_dal.models import build_model
 from ray_dal.runtime import cluster_has_gpus
-from ray_dal.scoring import dynamic_scores, entropy, least_confidence, margin, random_scores
+from ray_dal.scoring import (
+    dynamic_scores,
+    entropy,
+    least_confidence,
+    margin,
+    random_scores,
+)
 from ray_dal.scoring.params import check_grad_sum, scoped_parameters
 from ray_dal.topk import TopB, top_b
 
@@ -49,38 +60,6 @@ class PoolQuery:
     @property
     def samples_per_second(self) -> float:
         return self.num_scored / self.seconds if self.seconds > 0 else float("inf")
-
-
-def _model_config(model_cfg: ModelConfig | Mapping[str, Any]) -> ModelConfig:
-    """A `ModelConfig` from itself or a mapping of some of its fields (the rest take their defaults)."""
-    if isinstance(model_cfg, ModelConfig):
-        return model_cfg
-    try:
-        return ModelConfig(**model_cfg)
-    except TypeError:
-        fields = [f.name for f in dataclasses.fields(ModelConfig)]
-        raise ValueError(f"model_cfg {dict(model_cfg)} has keys other than ModelConfig's fields {fields}") from None
-
-
-def _build(cfg: ModelConfig, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
-    """``build_model`` from ``cfg`` with ``state_dict`` loaded (strictly), in eval mode, on the CPU."""
-    model = build_model(cfg.name, cfg.num_classes, cfg.in_channels)
-    model.load_state_dict(state_dict)
-    return model.eval()
-
-
-def _resolve(value: Any) -> Any:
-    """``ray.get`` an ObjectRef; pass anything else through (lets a scorer run outside Ray)."""
-    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
-
-
-def _cpu_share() -> int:
-    """Whole CPUs this Ray actor reserved (at least 1); torch's current thread count outside Ray."""
-    if ray.is_initialized():
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-        if cpus is not None:
-            return max(1, int(cpus))
-    return max(1, torch.get_num_threads())
 
 
 def _check_strategy(strategy: str) -> None:
@@ -162,14 +141,14 @@ class PoolScorer:
         self.strategy, self.gamma, self.scope, self.seed = strategy, float(gamma), scope, int(seed)
         self.budget, self.image_size, self.on_bad = int(budget), image_size, on_bad
         self.exclude_ids = exclude_ids  # sorted unique int64 (read-only when it came through Ray)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        torch.set_num_threads(_cpu_share())
+        self.device = actor_device()
+        use_cpu_share()
         self.model = self.grad_sum = None
         if strategy == "random":
             return  # random scores need no model
-        self.model = _build(_model_config(model_cfg), _resolve(state_ref)).to(self.device)
+        self.model = load_model(model_cfg, state_ref, self.device)
         if strategy == "dynamic":
-            grad_sum = _resolve(grad_ref)
+            grad_sum = resolve(grad_ref)
             if grad_sum is not None:
                 self.grad_sum = {n: g.to(self.device) for n, g in grad_sum.items()}
 
@@ -254,7 +233,7 @@ def score_pool(
     _check_strategy(strategy)
     if on_bad not in ON_BAD:
         raise ValueError(f"on_bad = {on_bad!r} is invalid: choose one of {list(ON_BAD)}")
-    model_cfg = _model_config(model_cfg)
+    model_cfg = model_config(model_cfg)
     exclude = _as_ids(exclude_ids)
     info = pool if isinstance(pool, PoolInfo) else inspect_pool(pool)
     unlabeled = info.num_rows - int(np.isin(read_ids(info), exclude).sum())
@@ -317,7 +296,7 @@ def _check_model_inputs(model_cfg: ModelConfig, state_dict, grad_sum, scoring_cf
     if state_dict is None:
         raise ValueError(f"strategy {scoring_cfg.strategy!r} needs the model's state_dict; got None")
     try:
-        model = _build(model_cfg, state_dict)
+        model = load_model(model_cfg, state_dict)
     except RuntimeError as error:
         raise ValueError(f"state_dict does not fit {model_cfg}: {error}") from None
     if scoring_cfg.strategy == "dynamic" and float(scoring_cfg.gamma) != 0:

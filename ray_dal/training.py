@@ -43,10 +43,18 @@ import ray
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    DataConfig,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+)
 from ray.train.torch import TorchTrainer
 from torch import nn
 
+from .actors import actor_device, load_model, use_cpu_share
 from .config import ExperimentConfig, ModelConfig, TrainConfig, validate
 from .data import PoolInfo, preprocess_batch, read_pool
 from .models import build_model
@@ -428,12 +436,9 @@ class _Evaluator:
     """Ray Data actor: the model loaded once; each batch becomes one row (correct, n)."""
 
     def __init__(self, model_cfg: dict, state, decode: bool, image_size: tuple[int, int] | None, use_gpu: bool):
-        cfg = ModelConfig(**model_cfg)
-        state = ray.get(state) if isinstance(state, ray.ObjectRef) else state
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model = build_model(cfg.name, cfg.num_classes, cfg.in_channels)
-        self.model.load_state_dict(state)
-        self.model.to(self.device).eval()
+        use_cpu_share()
+        self.device = actor_device(use_gpu)
+        self.model = load_model(model_cfg, state, self.device)
         self.decode, self.image_size = decode, image_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

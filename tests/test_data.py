@@ -27,9 +27,9 @@ from ray_dal.data import (
     read_pool,
     resolve_cifar10,
     select_row_groups,
+    synthetic,
     write_synthetic_pool,
 )
-from ray_dal.data import synthetic
 
 
 def encode(image: np.ndarray, fmt: str = "PNG") -> bytes:
