@@ -101,6 +101,7 @@ def run_experiment(cfg: ExperimentConfig) -> RunDir:
 
 
 def _run_round(cfg: ExperimentConfig, exp: Experiment, run: RunDir, r: int, labeled: np.ndarray, state) -> dict:
+    round_start = time.perf_counter()
     labels = np.array([exp.labels[i] for i in labeled.tolist()], dtype=np.int64)
     seed = cfg.loop.seed * 10_000 + r
     fit = fit_round(
@@ -133,6 +134,7 @@ def _run_round(cfg: ExperimentConfig, exp: Experiment, run: RunDir, r: int, labe
         "score_seconds": None if query is None else query.seconds,
         "pool_size": int(unlabeled),
         "samples_per_second": None if query is None else query.samples_per_second,
+        "round_seconds": time.perf_counter() - round_start,  # the whole round: Ray Train start-up included
         "strategy": cfg.scoring.strategy,
     }
     run.write_round(r, labeled, labels, fit.state_dict, metrics,
