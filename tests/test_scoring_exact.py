@@ -312,3 +312,17 @@ def test_bad_arguments_are_refused():
         dynamic_scores(model, x, bad_shape)
     with pytest.raises(ValueError, match="final nn.Linear"):  # the last Linear's output is not the logits
         dynamic_scores(nn.Sequential(nn.Linear(6, 3), nn.Tanh()), torch.randn(2, 6), None, gamma=0, scope="last")
+
+
+@pytest.mark.parametrize("name", ["cnn", "vgg11"])
+def test_autocast_bfloat16_scores_are_float32_and_close(name):
+    """AMP-safe: activations in bfloat16 (8-bit mantissa), reductions in float32, scores float32."""
+    model64, x, labeled = float64_case(name)
+    G64 = labeled_gradient(model64, labeled)
+    expected = loop_scores(model64, x, G64)
+    model = float64_case(name)[0].float()
+    G = {n: g.float() for n, g in G64.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        actual = dynamic_scores(model, x.float(), G)
+    assert actual.dtype == torch.float32
+    assert_close(actual.double(), expected, 5e-2)
