@@ -46,12 +46,15 @@ def test_ray_job_submit_runs_the_cifar10_job(cifar10_slice, tmp_path):
             assert head.poll() is None, "ray start --head exited"
             assert time.monotonic() < deadline, "the head node's job server did not come up in 2 minutes"
             time.sleep(1)
-        job = subprocess.run(
-            [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-             "python", "jobs/cifar10.py", "--data-dir", str(cifar10_slice), "--out", str(out), *JOB_ARGS,
-             "--num-workers", "1"],
-            env=env, capture_output=True, text=True, timeout=900,
-        )
+        submit = [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+                  "python", "jobs/cifar10.py", "--data-dir", str(cifar10_slice), "--out", str(out), *JOB_ARGS,
+                  "--num-workers", "1"]
+        deadline = time.monotonic() + 120
+        while True:  # the job agent can come up a little after the job server answers `ray job list`
+            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
+            if "No available agent to submit job" not in job.stdout + job.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(2)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in job.stdout
     finally:
