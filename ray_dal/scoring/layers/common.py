@@ -33,20 +33,19 @@ def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
+def rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[B]``: sum over all but the first dim of ``a * b``, without forming the product (a batched matmul)."""
+    return torch.einsum("bi,bi->b", a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))
+
+
 def norm_and_dot(per_sample: torch.Tensor, grad_sum: torch.Tensor | None) -> Pair:
     """``||g_b||^2`` and ``<g_b, G>`` for materialised per-sample gradients ``[B, *param_shape]``."""
     flat = per_sample.flatten(1)
-    sq = (flat * flat).sum(1)
+    sq = rowwise_dot(flat, flat)
     dot = None if grad_sum is None else flat @ grad_sum.reshape(-1).to(flat.dtype)
-    return sq, dot
-
-
-def add(total: Pair, part: Pair) -> Pair:
-    sq = total[0] + part[0]
-    dot = None if part[1] is None else (part[1] if total[1] is None else total[1] + part[1])
     return sq, dot
 
 
 def ghost_sq(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """sum_{t,t'} (a_t.a_t')(d_t.d_t') for ``a [B, T, in]``, ``d [B, T, out]`` (leading dims batched)."""
-    return ((a @ a.transpose(-1, -2)) * (d @ d.transpose(-1, -2))).flatten(1).sum(1)
+    return rowwise_dot(a @ a.transpose(-1, -2), d @ d.transpose(-1, -2))

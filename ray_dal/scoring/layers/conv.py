@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import Pair, accumulation_dtype, ghost_sq, norm_and_dot, prefer_ghost
+from .common import Pair, accumulation_dtype, ghost_sq, norm_and_dot, prefer_ghost, rowwise_dot
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -50,7 +50,7 @@ def conv(module: nn.modules.conv._ConvNd, x: torch.Tensor, d: torch.Tensor, name
             sq += _ghost_sq(module, x, d, padding)
             if G is not None:
                 conv_G = _CONV[nd](x, G, None, module.stride, padding, module.dilation, groups)
-                dot += (d * conv_G).flatten(1).sum(1)
+                dot += rowwise_dot(d, conv_G)
         else:
             s, t = norm_and_dot(_per_sample_weight_grad(module, x, d, padding), G)
             sq += s

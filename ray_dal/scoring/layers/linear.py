@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import Pair, accumulation_dtype, ghost_sq, norm_and_dot, prefer_ghost
+from .common import Pair, accumulation_dtype, ghost_sq, norm_and_dot, prefer_ghost, rowwise_dot
 
 
 def linear(module: nn.Linear, x: torch.Tensor, d: torch.Tensor, names, grad_sum, method: str) -> Pair:
@@ -29,7 +29,7 @@ def linear(module: nn.Linear, x: torch.Tensor, d: torch.Tensor, names, grad_sum,
         elif prefer_ghost(T, module.in_features, module.out_features, method):
             sq += ghost_sq(a, d)
             if G is not None:
-                dot += (d * F.linear(a, G)).flatten(1).sum(1)
+                dot += rowwise_dot(d, F.linear(a, G))
         else:
             s, t = norm_and_dot(torch.einsum("bto,bti->boi", d, a), G)
             sq += s

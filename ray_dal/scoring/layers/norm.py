@@ -8,6 +8,8 @@ so a per-sample gradient would not exist.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -18,15 +20,20 @@ class BatchStatisticsError(ValueError):
     pass
 
 
-def _affine(x_hat: torch.Tensor, d: torch.Tensor, reduce_dims: tuple[int, ...], names, grad_sum) -> Pair:
+def _affine(centered: torch.Tensor, inv_std: torch.Tensor, d: torch.Tensor, names, grad_sum) -> Pair:
+    """Terms of ``weight`` (``g = sum_positions d * centered * inv_std``) and ``bias`` (``g = sum_positions d``).
+
+    ``centered`` and ``d`` are ``[B, C, S]`` (S positions per channel), ``inv_std`` broadcasts to ``[B, C]``.
+    """
     B = d.shape[0]
     sq = torch.zeros(B, dtype=d.dtype, device=d.device)
     dot = None if grad_sum is None else torch.zeros_like(sq)
     for name in ("weight", "bias"):
         if name in names:
-            per_sample = d * x_hat if name == "weight" else d
-            if reduce_dims:  # note: Tensor.sum(()) would reduce every dim, batch included
-                per_sample = per_sample.sum(reduce_dims)
+            if name == "weight":  # one batched matmul per channel: no [B, C, S] temporaries
+                per_sample = torch.einsum("bcs,bcs->bc", d, centered) * inv_std
+            else:
+                per_sample = d.sum(2)
             s, t = norm_and_dot(per_sample, None if grad_sum is None else grad_sum[name])
             sq += s
             if dot is not None:
@@ -42,20 +49,21 @@ def batchnorm(module: nn.modules.batchnorm._BatchNorm, x, d, names, grad_sum, me
             "exist. Score in eval mode with running statistics."
         )
     dtype = accumulation_dtype(d)
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    mean = module.running_mean.to(dtype).reshape(shape)
-    inv_std = torch.rsqrt(module.running_var.to(dtype).reshape(shape) + module.eps)
-    x_hat = (x.to(dtype) - mean) * inv_std
-    return _affine(x_hat, d.to(dtype), tuple(range(2, x.dim())), names, grad_sum)
+    B, C = x.shape[:2]
+    centered = x.to(dtype).reshape(B, C, -1) - module.running_mean.to(dtype).reshape(1, C, 1)
+    inv_std = torch.rsqrt(module.running_var.to(dtype) + module.eps)
+    return _affine(centered, inv_std, d.to(dtype).reshape(B, C, -1), names, grad_sum)
 
 
 def layernorm(module: nn.LayerNorm, x, d, names, grad_sum, method: str) -> Pair:
     dtype = accumulation_dtype(d)
-    x = x.to(dtype)
-    norm_dims = tuple(range(x.dim() - len(module.normalized_shape), x.dim()))
-    var, mean = torch.var_mean(x, dim=norm_dims, unbiased=False, keepdim=True)
-    x_hat = (x - mean) * torch.rsqrt(var + module.eps)
-    return _affine(x_hat, d.to(dtype), tuple(range(1, norm_dims[0])), names, grad_sum)
+    B = x.shape[0]
+    x = x.to(dtype).reshape(B, -1, math.prod(module.normalized_shape))
+    var, mean = torch.var_mean(x, dim=2, unbiased=False, keepdim=True)
+    x_hat = (x - mean) * torch.rsqrt(var + module.eps)  # [B, S, features]: features act as channels
+    d = d.to(dtype).reshape(x.shape)
+    return _affine(x_hat.transpose(1, 2), torch.ones((), dtype=dtype, device=d.device), d.transpose(1, 2),
+                   names, grad_sum)
 
 
 def groupnorm(module: nn.GroupNorm, x, d, names, grad_sum, method: str) -> Pair:
@@ -63,5 +71,6 @@ def groupnorm(module: nn.GroupNorm, x, d, names, grad_sum, method: str) -> Pair:
     B, C = x.shape[:2]
     grouped = x.to(dtype).reshape(B, module.num_groups, -1)
     var, mean = torch.var_mean(grouped, dim=2, unbiased=False, keepdim=True)
-    x_hat = ((grouped - mean) * torch.rsqrt(var + module.eps)).reshape(x.shape)
-    return _affine(x_hat, d.to(dtype), tuple(range(2, x.dim())), names, grad_sum)
+    x_hat = ((grouped - mean) * torch.rsqrt(var + module.eps)).reshape(B, C, -1)
+    return _affine(x_hat, torch.ones((), dtype=dtype, device=d.device), d.to(dtype).reshape(B, C, -1),
+                   names, grad_sum)
