@@ -99,6 +99,7 @@ def prepare_labeled(pool: PoolInfo | str, ids: np.ndarray, image_size: tuple[int
     found = labeled.count()
     if found != len(ids):
         raise ValueError(f"the pool holds {found} of the {len(ids)} requested labeled ids")
+    labeled.context.enable_progress_bars = False  # the workers' re-reads of this small set need no bars
     return labeled
 
 
