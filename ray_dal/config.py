@@ -87,26 +87,25 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
 
-def _merge(section: Any, values: Mapping[str, Any], where: str) -> Any:
+def _known_keys(values: Any, valid: set[str], what: str) -> None:
+    """Raise unless ``values`` is a mapping whose keys are all in ``valid``."""
     if not isinstance(values, Mapping):
-        raise ConfigError(f"{where} must be a mapping of keys to values, got {type(values).__name__}")
-    names = {f.name for f in dataclasses.fields(section)}
-    unknown = sorted(set(values) - names)
+        raise ConfigError(f"{what} must be a mapping, got {type(values).__name__}")
+    unknown = sorted(set(values) - valid)
     if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(names)}")
+        raise ConfigError(f"unknown key(s) {unknown} in {what}; valid keys: {sorted(valid)}")
+
+
+def _merge(section: Any, values: Mapping[str, Any], where: str) -> Any:
+    _known_keys(values, {f.name for f in dataclasses.fields(section)}, where)
     return dataclasses.replace(section, **values)
 
 
 def from_dict(values: Mapping[str, Any] | None) -> ExperimentConfig:
     """Build a validated config from nested mappings (as YAML gives them) over the defaults."""
     cfg = ExperimentConfig()
-    values = values or {}
-    if not isinstance(values, Mapping):
-        raise ConfigError(f"a config must be a mapping of sections, got {type(values).__name__}")
-    sections = {f.name for f in dataclasses.fields(cfg)}
-    unknown = sorted(set(values) - sections)
-    if unknown:
-        raise ConfigError(f"unknown section(s) {unknown}; valid sections: {sorted(sections)}")
+    values = {} if values is None else values
+    _known_keys(values, {f.name for f in dataclasses.fields(cfg)}, "the config's sections")
     for name, section_values in values.items():
         setattr(cfg, name, _merge(getattr(cfg, name), section_values, f"section '{name}'"))
     validate(cfg)
@@ -120,8 +119,11 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        with path.open() as f:
-            values = yaml.safe_load(f) or {}
+        try:
+            with path.open() as f:
+                values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as error:  # includes !!python tags, which safe_load never constructs
+            raise ConfigError(f"config file {str(path)!r} is not plain YAML data: {error}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
     for dotted, value in (overrides or {}).items():
