@@ -35,7 +35,7 @@ class Experiment:
     train: PoolInfo
     test: PoolInfo
     pool_ids: np.ndarray  # ids that may be labeled or queried (sorted)
-    labels: dict[int, int]  # the oracle: id -> label, for pool_ids
+    pool_labels: np.ndarray  # the oracle: pool_labels[i] is the label of pool_ids[i]
     outside_pool: np.ndarray  # ids of the training file left out by data.pool_size: never scored
     test_ids: np.ndarray
     image_size: tuple[int, int] | None
@@ -58,12 +58,14 @@ def load_experiment(cfg: ExperimentConfig) -> Experiment:
             f"loop.initial + loop.rounds * loop.budget = {lp.initial} + {lp.rounds} x {lp.budget} = {needed} "
             f"exceeds the pool's {len(pool_ids)} samples; lower them or raise data.pool_size"
         )
-    label_of = dict(zip(ids.tolist(), labels.tolist()))
-    bad = sorted({v for v in label_of.values() if not 0 <= v < cfg.model.num_classes})
-    if bad:
-        raise ConfigError(f"the pool has labels {bad[:10]} outside [0, model.num_classes = {cfg.model.num_classes})")
-    return Experiment(train, test, pool_ids, {i: label_of[i] for i in pool_ids.tolist()},
-                      np.setdiff1d(ids, pool_ids), test_ids, IMAGE_SIZES[cfg.data.dataset])
+    bad = np.unique(labels[(labels < 0) | (labels >= cfg.model.num_classes)])
+    if bad.size:
+        raise ConfigError(f"the pool has labels {bad[:10].tolist()} outside [0, model.num_classes = "
+                          f"{cfg.model.num_classes})")
+    order = np.argsort(ids)
+    pool_labels = labels[order][np.searchsorted(ids[order], pool_ids)]
+    return Experiment(train, test, pool_ids, pool_labels, np.setdiff1d(ids, pool_ids), test_ids,
+                      IMAGE_SIZES[cfg.data.dataset])
 
 
 def _subsample(ids: np.ndarray, size: int | None, rng: np.random.Generator, key: str) -> np.ndarray:
@@ -102,7 +104,7 @@ def run_experiment(cfg: ExperimentConfig) -> RunDir:
 
 def _run_round(cfg: ExperimentConfig, exp: Experiment, run: RunDir, r: int, labeled: np.ndarray, state) -> dict:
     round_start = time.perf_counter()
-    labels = np.array([exp.labels[i] for i in labeled.tolist()], dtype=np.int64)
+    labels = exp.pool_labels[np.searchsorted(exp.pool_ids, labeled)]
     seed = cfg.loop.seed * 10_000 + r
     fit = fit_round(
         cfg.model, cfg.train, prepare_labeled(exp.train, labeled, exp.image_size), state,
