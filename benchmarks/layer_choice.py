@@ -1,0 +1,300 @@
+"""Calibrate the engine's per-layer choice between "ghost" and "materialize" for convolutions.
+
+ray_dal/scoring/layers/common.py:prefer_ghost(T, fan_in, fan_out, "auto") picks the method per layer
+(T output positions, fan_in = C_in/groups * kernel area, fan_out = C_out/groups). This script
+
+1. collects every distinct Conv2d shape inside resnet18 and vgg11 (32x32 inputs),
+2. times, per shape and batch size, the engine's conv handler
+   ``ray_dal.scoring.layers.conv.conv(module, x, d, {"weight"}, {"weight": G}, method)`` with
+   method "ghost" and "materialize" (dot term included, as in real use), and the ordinary summed
+   weight gradient (``aten.convolution_backward``, output_mask (False, True, False)) as a yardstick,
+3. reports the winner per shape, whether the engine's current rule picks it, whether the earlier
+   rule (ghost iff 2 T^2 < fan_in*fan_out) does, and the range of the constant c in the cost-model rule
+   "ghost iff T (fan_in + fan_out) < c fan_in fan_out" that is consistent with every measured winner,
+4. times end to end ``dynamic_scores(..., layer_method=...)`` per model for "auto", "ghost",
+   "materialize" and "auto" with the earlier rule patched in (this process only; the engine's files are
+   untouched), against a training step.
+
+Round-robin over methods inside each repetition; medians. Writes benchmarks/results/layer_choice.{md,json}.
+
+    python benchmarks/layer_choice.py --quick
+    python benchmarks/layer_choice.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import statistics
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ray_dal.models import build_model
+from ray_dal.scoring import dynamic_scores, labeled_gradient
+from ray_dal.scoring.layers.common import prefer_ghost
+
+# the module (ray_dal.scoring.layers re-exports a function of the same name, which `import ... as` would give)
+conv_layer = importlib.import_module("ray_dal.scoring.layers.conv")
+
+LAYER_METHODS = ["ghost", "materialize", "weight_grad"]
+E2E_METHODS = ["train_step", "auto", "ghost", "materialize", "auto_previous_rule"]
+
+
+def current_rule(T: int, fan_in: int, fan_out: int) -> bool:
+    """True = ghost. The engine's rule, as it is in the working tree."""
+    return prefer_ghost(T, fan_in, fan_out, "auto")
+
+
+def previous_rule(T: int, fan_in: int, fan_out: int) -> bool:
+    """True = ghost. The engine's first rule (DESIGN.md): ghost when 2 T^2 < the weight count."""
+    return 2 * T * T < fan_in * fan_out
+
+
+def cost_ratio(T: int, fan_in: int, fan_out: int) -> float:
+    """Ghost's Gram-matrix work over materialise's weight-gradient work, per sample:
+    T^2 (fan_in + fan_out) / (T fan_in fan_out) = T (fan_in + fan_out) / (fan_in fan_out)."""
+    return T * (fan_in + fan_out) / (fan_in * fan_out)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def conv_shapes(model_names, size=32):
+    """Distinct Conv2d shapes: key -> {module, in_shape, out_shape, where: [model:layer, ...]}."""
+    shapes = {}
+    for name in model_names:
+        torch.manual_seed(0)
+        model = build_model(name, 10).eval()
+        seen = []
+        hooks = [m.register_forward_hook(lambda m, a, o, n=n: seen.append((n, m, a[0].shape, o.shape)))
+                 for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+        with torch.no_grad():
+            model(torch.randn(1, 3, size, size))
+        for h in hooks:
+            h.remove()
+        for layer, m, in_shape, out_shape in seen:
+            key = (m.in_channels, m.out_channels, m.kernel_size[0], m.stride[0], m.padding[0], in_shape[-1])
+            entry = shapes.setdefault(key, {"module": m, "in_shape": tuple(in_shape[1:]),
+                                            "out_shape": tuple(out_shape[1:]), "where": []})
+            entry["where"].append(f"{name}:{layer}")
+    return shapes
+
+
+def weight_grad(module, x, d):
+    return torch.ops.aten.convolution_backward(
+        d, x, module.weight, None, module.stride, module.padding, module.dilation, False, (0, 0),
+        module.groups, (False, True, False))[1]
+
+
+def round_robin(fns: dict, repeats: int, cpu_out: dict | None = None) -> dict:
+    """Median wall seconds per function (median process CPU seconds into ``cpu_out`` if given)."""
+    for fn in fns.values():  # warm-up
+        fn()
+    times = {k: [] for k in fns}
+    cpus = {k: [] for k in fns}
+    keys = list(fns)
+    for r in range(repeats):
+        for k in keys[r % len(keys):] + keys[: r % len(keys)]:
+            c0, t0 = time.process_time(), time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t0)
+            cpus[k].append(time.process_time() - c0)
+    if cpu_out is not None:
+        cpu_out.update({k: statistics.median(v) for k, v in cpus.items()})
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_layers(shapes, batch_sizes, repeats):
+    rows = []
+    for (cin, cout, k, stride, pad, hin), e in shapes.items():
+        m = e["module"]
+        G = torch.randn_like(m.weight)
+        for B in batch_sizes:
+            x = torch.randn(B, *e["in_shape"])
+            d = torch.randn(B, *e["out_shape"])
+            cpu = {}
+            with torch.no_grad():
+                med = round_robin({
+                    "ghost": lambda: conv_layer.conv(m, x, d, {"weight"}, {"weight": G}, "ghost"),
+                    "materialize": lambda: conv_layer.conv(m, x, d, {"weight"}, {"weight": G}, "materialize"),
+                    "weight_grad": lambda: weight_grad(m, x, d),
+                }, repeats, cpu)
+            T = e["out_shape"][1] * e["out_shape"][2]
+            fan_in, fan_out = cin // m.groups * k * k, cout // m.groups
+            winner_ghost = med["ghost"] < med["materialize"]
+            rows.append({
+                "shape": f"{cin}->{cout} k{k} s{stride} in {hin}x{hin}", "B": B, "T": T, "fan_in": fan_in,
+                "fan_out": fan_out, "T2_over_weights": T * T / (fan_in * fan_out),
+                "cost_ratio": cost_ratio(T, fan_in, fan_out),
+                "layers": e["where"], "seconds": med, "cpu_seconds": cpu,
+                "winner_by_cpu_time": "ghost" if cpu["ghost"] < cpu["materialize"] else "materialize",
+                "ghost_over_materialize": med["ghost"] / med["materialize"],
+                "winner": "ghost" if winner_ghost else "materialize",
+                "current_rule": "ghost" if current_rule(T, fan_in, fan_out) else "materialize",
+                "previous_rule": "ghost" if previous_rule(T, fan_in, fan_out) else "materialize",
+            })
+            r = rows[-1]
+            print(f"{r['shape']:28s} B={B:3d} T={T:4d} ghost {med['ghost'] * 1e3:8.1f} ms  materialize "
+                  f"{med['materialize'] * 1e3:8.1f} ms  weight_grad {med['weight_grad'] * 1e3:7.1f} ms  "
+                  f"winner {r['winner']:11s} current {r['current_rule']}", flush=True)
+    return rows
+
+
+@contextmanager
+def patched_rule(rule):
+    """Swap the conv handler's rule for ``rule`` in this process only (the engine's file is untouched)."""
+    original = conv_layer.prefer_ghost
+
+    def patched(T, fan_in, fan_out, method):
+        return original(T, fan_in, fan_out, method) if method != "auto" else rule(T, fan_in, fan_out)
+
+    conv_layer.prefer_ghost = patched
+    try:
+        yield
+    finally:
+        conv_layer.prefer_ghost = original
+
+
+def bench_end_to_end(models, batch_sizes, repeats):
+    rows = []
+    for name in models:
+        torch.manual_seed(0)
+        model = build_model(name, 10).eval()
+        gen = torch.Generator().manual_seed(1)
+        G = labeled_gradient(model, (torch.randn(64, 3, 32, 32, generator=gen),
+                                     torch.randint(0, 10, (64,), generator=gen)))
+        for B in batch_sizes:
+            x = torch.randn(B, 3, 32, 32, generator=gen)
+            y = torch.randint(0, 10, (B,), generator=gen)
+
+            def train_step():
+                model.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x), y, reduction="sum").backward()
+
+            def previous():
+                with patched_rule(previous_rule):
+                    return dynamic_scores(model, x, G, 2.0, layer_method="auto")
+
+            fns = {
+                "train_step": train_step,
+                "auto": lambda: dynamic_scores(model, x, G, 2.0, layer_method="auto"),
+                "ghost": lambda: dynamic_scores(model, x, G, 2.0, layer_method="ghost"),
+                "materialize": lambda: dynamic_scores(model, x, G, 2.0, layer_method="materialize"),
+                "auto_previous_rule": previous,
+            }
+            ref = fns["auto"]()
+            agree = {k: float((fns[k]() - ref).abs().max() / ref.abs().max()) for k in E2E_METHODS[2:]}
+            med = round_robin(fns, repeats)
+            row = {"model": name, "B": B, "seconds": med,
+                   "over_train_step": {k: med[k] / med["train_step"] for k in med},
+                   "max_rel_diff_vs_auto": agree}
+            rows.append(row)
+            print(f"{name} B={B}: " + ", ".join(f"{k} {v:.3f}s ({row['over_train_step'][k]:.2f}x)"
+                                                 for k, v in med.items()), flush=True)
+    return rows
+
+
+def write_markdown(result, path: Path):
+    s = result["settings"]
+    lines = [
+        "# Ghost vs materialise per Conv2d shape (generated by benchmarks/layer_choice.py)", "",
+        f"{result['machine']}; torch {torch.__version__}; {result['date_utc']}; "
+        f"medians of {s['repeats']} round-robin repetitions; load average at start/end "
+        f"{[round(v, 1) for v in result['load_average_at_start']]} / {[round(v, 1) for v in result['load_average_at_end']]} "
+        "(2 cores, shared).",
+        "Times in ms for one call of the engine's conv handler (weight only, with the <g, G> term); "
+        "weight_grad = the ordinary summed weight gradient of the same layer (yardstick).",
+        f"current rule (engine): {result['current_rule']}; previous: {result['previous_rule']}. "
+        "cost ratio = T (fan_in + fan_out) / (fan_in fan_out).", "",
+        "| shape | B | T | fan_in*fan_out | cost ratio | ghost ms | materialize ms | weight_grad ms "
+        "| ghost/mat | winner | current | previous | winner by CPU time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    ok = lambda a, b: a if a == b else f"**{a}** (wrong)"
+    for r in result["layers"]:
+        sec = r["seconds"]
+        lines.append(
+            f"| {r['shape']} | {r['B']} | {r['T']} | {r['fan_in'] * r['fan_out']} | {r['cost_ratio']:.3g} | "
+            f"{sec['ghost'] * 1e3:.1f} | {sec['materialize'] * 1e3:.1f} | {sec['weight_grad'] * 1e3:.1f} | "
+            f"{r['ghost_over_materialize']:.2f} | {r['winner']} | {ok(r['current_rule'], r['winner'])} | "
+            f"{ok(r['previous_rule'], r['winner'])} | {r['winner_by_cpu_time']} |")
+    sm = result["summary"]
+    lines += ["", f"Current rule picks the faster method in {sm['current_rule_correct']}/{sm['shapes_x_batch']} "
+              f"(time lost vs always-right, summed over distinct shapes: {sm['current_rule_excess_s'] * 1e3:.0f} ms); "
+              f"previous rule {sm['previous_rule_correct']}/{sm['shapes_x_batch']} "
+              f"({sm['previous_rule_excess_s'] * 1e3:.0f} ms). "
+              + (f"Every winner is consistent with 'ghost iff cost ratio < c' for c in "
+                 f"({sm['consistent_c'][0]:.3g}, {sm['consistent_c'][1]:.3g}]."
+                 if sm["consistent_c"][0] < sm["consistent_c"][1] else
+                 f"No single c in 'ghost iff cost ratio < c' fits every winner (largest ghost-winning ratio "
+                 f"{sm['consistent_c'][0]:.3g}, smallest materialise-winning ratio {sm['consistent_c'][1]:.3g}).")]
+    lines += ["", "Layers per shape: " + "; ".join(
+        f"{r['shape']}: {', '.join(r['layers'])}" for r in result["layers"] if r["B"] == s["batch_sizes"][0]), ""]
+    lines += ["## End to end: dynamic_scores(scope='all') by layer_method, seconds (x train_step)", "",
+              "| model | B | " + " | ".join(E2E_METHODS) + " |", "|---|---|" + "---|" * len(E2E_METHODS)]
+    for r in result["end_to_end"]:
+        lines.append(f"| {r['model']} | {r['B']} | " + " | ".join(
+            f"{r['seconds'][k]:.3f} ({r['over_train_step'][k]:.2f}x)" for k in E2E_METHODS) + " |")
+    lines += ["", "Scores agree across layer methods (max |s - s_auto| / max |s_auto|): " + "; ".join(
+        f"{r['model']} B={r['B']}: " + ", ".join(f"{k} {v:.1e}" for k, v in r["max_rel_diff_vs_auto"].items())
+        for r in result["end_to_end"])]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="resnet18 only, B=64, 3 repeats")
+    p.add_argument("--models", nargs="+", default=None)
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None, help="default 7 (quick 3)")
+    p.add_argument("--e2e-repeats", type=int, default=None, help="default 5 (quick 2)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--skip-e2e", action="store_true", help="per-layer table only")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = p.parse_args(argv)
+    args.models = args.models or (["resnet18"] if args.quick else ["resnet18", "vgg11"])
+    args.batch_sizes = args.batch_sizes or ([64] if args.quick else [64, 128])
+    args.repeats = args.repeats or (3 if args.quick else 7)
+    args.e2e_repeats = args.e2e_repeats or (2 if args.quick else 5)
+    torch.set_num_threads(args.threads)
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+
+    result = {"machine": f"{cpu}, {torch.get_num_threads()} threads", "torch": torch.__version__,
+              "date_utc": datetime.datetime.utcnow().isoformat() + "Z",
+              "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "current_rule": (prefer_ghost.__doc__ or "").strip().splitlines()[0],
+              "previous_rule": "ghost iff 2 T^2 < fan_in fan_out"}
+    result["load_average_at_start"] = list(os.getloadavg())
+    result["layers"] = bench_layers(conv_shapes(args.models), args.batch_sizes, args.repeats)
+    result["end_to_end"] = [] if args.skip_e2e else bench_end_to_end(args.models, args.batch_sizes, args.e2e_repeats)
+    result["load_average_at_end"] = list(os.getloadavg())
+    rows = result["layers"]
+    result["summary"] = {
+        "shapes_x_batch": len(rows),
+        "current_rule_correct": sum(r["current_rule"] == r["winner"] for r in rows),
+        "previous_rule_correct": sum(r["previous_rule"] == r["winner"] for r in rows),
+        # time lost against always picking the faster method, summed over distinct shapes
+        "current_rule_excess_s": sum(r["seconds"][r["current_rule"]] - r["seconds"][r["winner"]] for r in rows),
+        "previous_rule_excess_s": sum(r["seconds"][r["previous_rule"]] - r["seconds"][r["winner"]] for r in rows),
+        # ghost wins iff cost_ratio < c: c must exceed every ghost winner's ratio and not exceed any other's
+        "consistent_c": [max([r["cost_ratio"] for r in rows if r["winner"] == "ghost"], default=0.0),
+                         min([r["cost_ratio"] for r in rows if r["winner"] != "ghost"], default=float("inf"))],
+    }
+    print(json.dumps(result["summary"]))
+    stem = "layer_choice_quick" if args.quick else "layer_choice"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_markdown(result, args.out / f"{stem}.md")
+    print(f"wrote {args.out}/{stem}.{{md,json}}")
+
+
+if __name__ == "__main__":
+    main()
