@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from ray_dal.config import STRATEGIES, load_config
+from ray_dal.errors import exit_on_user_error
 from ray_dal.loop import run_experiment
 
 FLAGS = {  # flag -> (config key, type, help)
@@ -51,4 +52,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_user_error("cifar10.py"):  # bad input: one message naming the value and the fix, exit 2
+        main()

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Mapping
 
 import ray
 import torch
 
-from .config import ModelConfig
+from .config import ModelConfig, ScoringConfig
+from .errors import WeightsError
 from .models import build_model
+from .runtime import cluster_has_gpus
 
 
 def model_config(model_cfg: ModelConfig | Mapping[str, Any]) -> ModelConfig:
@@ -34,6 +37,58 @@ def load_model(model_cfg: ModelConfig | Mapping[str, Any], state_dict: Any, devi
     model = build_model(cfg.name, cfg.num_classes, cfg.in_channels)
     model.load_state_dict(resolve(state_dict))
     return model.to(device).eval()
+
+
+def load_weights_file(path: str | Path, fix: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU; `WeightsError` naming the file, the reason and ``fix``.
+
+    weights_only refuses pickled code (a callable, any object but tensors and plain containers), so
+    loading a file can never run it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {str(path)!r} does not exist. {fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        reason = next((line for line in lines if "GLOBAL" in line or "nsupported" in line), lines[0])
+        if "Weights only load failed" in lines[0]:
+            reason = f"it holds objects other than tensors, which could run code when unpickled ({reason})"
+        raise WeightsError(f"cannot load {path} as plain weights (torch.load with weights_only=True): {reason}. "
+                           f"{fix}") from None
+
+
+def check_weights(model_cfg: ModelConfig | Mapping[str, Any], state_dict: Any, source: str) -> dict[str, torch.Tensor]:
+    """``state_dict`` if it loads strictly into the model of ``model_cfg`` and is finite, else `WeightsError`.
+
+    ``source`` names the weights in the message (a path, "state_dict", ...). Runs on the driver, so a
+    bad checkpoint fails before any worker starts.
+    """
+    cfg = model_config(model_cfg)
+    model_desc = f"model {cfg.name!r} (num_classes={cfg.num_classes}, in_channels={cfg.in_channels})"
+    fix = "Fix: use the model settings the weights were trained with (model.name/num_classes/in_channels)"
+    if not isinstance(state_dict, Mapping) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        keys = sorted(state_dict)[:5] if isinstance(state_dict, Mapping) else type(state_dict).__name__
+        raise WeightsError(f"{source} is not a state_dict (a mapping of parameter names to tensors; got {keys}). "
+                           "Fix: save model.state_dict(), e.g. a run's round_NNN/model.pt")
+    try:
+        build_model(cfg.name, cfg.num_classes, cfg.in_channels).load_state_dict(state_dict)
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())
+        raise WeightsError(f"{source} does not fit {model_desc}: {detail}. {fix}") from None
+    bad = [name for name, t in state_dict.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise WeightsError(f"{source} holds NaN or infinite values in {bad[:10]}: the model diverged or the file "
+                           "is corrupt. Fix: use an earlier checkpoint, or retrain with a lower train.lr")
+    return dict(state_dict)
+
+
+def scorer_gpus(scoring_cfg: ScoringConfig) -> float:
+    """GPUs per pool actor: ``scoring.gpus_per_scorer``, or (None) 1 when the cluster has GPUs, else 0."""
+    if scoring_cfg.gpus_per_scorer is not None:
+        return scoring_cfg.gpus_per_scorer
+    return 1 if cluster_has_gpus() else 0
 
 
 def actor_device(use_gpu: bool = True) -> torch.device:

@@ -8,6 +8,7 @@
         Write a synthetic JPEG pool (Parquet shards) for benchmarks.
 
 Runs on the Ray cluster in ``RAY_ADDRESS`` (e.g. under ``ray job submit``), else an embedded local Ray.
+Every flag, file and size is checked before Ray starts; such errors print one message and exit 2.
 """
 
 from __future__ import annotations
@@ -20,36 +21,29 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
-from .config import STRATEGIES, ExperimentConfig, ModelConfig, ScoringConfig, validate
-from .data import inspect_pool, write_synthetic_pool
+from .actors import check_weights, load_weights_file
+from .config import (
+    STRATEGIES,
+    ConfigError,
+    ExperimentConfig,
+    ModelConfig,
+    ScoringConfig,
+    validate,
+)
+from .data import PoolInfo, inspect_pool, read_ids, write_synthetic_pool
+from .errors import exit_on_user_error
 from .grad_sum import pool_grad_sum
+from .models import available_models
 from .pool_scoring import score_pool
 from .runtime import init_ray
 
 
 def _select(args: argparse.Namespace) -> None:
-    model_cfg = ModelConfig(args.model, args.num_classes, args.in_channels)
-    scoring = ScoringConfig(strategy=args.strategy, gamma=args.gamma, scope=args.scope,
-                            num_scorers=args.num_scorers, batch_size=args.batch_size)
-    validate(ExperimentConfig(model=model_cfg, scoring=scoring))
-    if not str(args.out).endswith(".parquet"):
-        raise SystemExit(f"--out {args.out} must name a .parquet file")
-    pool = inspect_pool(args.pool)
-    try:
-        state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise SystemExit(f"cannot load checkpoint {args.checkpoint} as a state_dict (weights only): {error}")
-    ids, labels = _read_labeled(args.labeled)
-    if ids.size and len(np.unique(ids)) != ids.size:
-        raise SystemExit(f"{args.labeled} lists some ids twice; each labeled sample must appear once")
-    image_size = tuple(args.image_size) if args.image_size else None
+    model_cfg, scoring, pool, state, ids, labels, image_size = _check_select(args)
     init_ray(no_progress_timeout_s=args.no_progress_timeout)
     grad_sum = None
     if args.strategy == "dynamic" and args.gamma != 0:
-        if ids.size == 0:
-            raise SystemExit("dynamic AL needs --labeled (id, label) to sum G over; or use --gamma 0")
         grad_sum = pool_grad_sum(pool, ids, labels, model_cfg=model_cfg, state_dict=state, scope=args.scope,
                                  num_actors=args.num_scorers, image_size=image_size)
     query = score_pool(pool, model_cfg=model_cfg, state_dict=state, grad_sum=grad_sum, scoring_cfg=scoring,
@@ -67,17 +61,58 @@ def _select(args: argparse.Namespace) -> None:
         print(f"skipped {query.skipped_ids.size} undecodable image(s), ids {query.skipped_ids[:20].tolist()}")
 
 
-def _read_labeled(path: Path | None) -> tuple[np.ndarray, np.ndarray]:
+def _check_select(args: argparse.Namespace):
+    """Every check of ``select``'s flags, files and sizes, before Ray starts. Raises `USER_ERRORS`."""
+    model_cfg = ModelConfig(args.model, args.num_classes, args.in_channels)
+    scoring = ScoringConfig(strategy=args.strategy, gamma=args.gamma, scope=args.scope,
+                            num_scorers=args.num_scorers, batch_size=args.batch_size)
+    validate(ExperimentConfig(model=model_cfg, scoring=scoring))
+    if args.model not in available_models():
+        raise ConfigError(f"--model {args.model!r} is not a registered model; choose one of {available_models()}")
+    if not str(args.out).endswith(".parquet"):
+        raise ConfigError(f"--out {args.out} must name a .parquet file")
+    if args.image_size and min(args.image_size) < 1:
+        raise ConfigError(f"--image-size {args.image_size} must be two positive integers (H W)")
+    pool = inspect_pool(args.pool)
+    state = check_weights(model_cfg, load_weights_file(args.checkpoint, "Fix: pass the model.pt of a run's round "
+                                                                         "folder, or a saved model.state_dict()"),
+                          f"--checkpoint {args.checkpoint}")
+    ids, labels = _read_labeled(args.labeled, pool, model_cfg.num_classes)
+    in_pool, unlabeled = ids.size, pool.num_rows - ids.size  # every labeled id is in the pool (checked)
+    if not 1 <= args.budget <= unlabeled:
+        raise ConfigError(f"--budget {args.budget} is invalid: pool {pool.source} has {pool.num_rows} samples, "
+                          f"{in_pool} of them labeled, so the budget must be in [1, {unlabeled}]")
+    if args.strategy == "dynamic" and args.gamma != 0 and ids.size == 0:
+        raise ConfigError("dynamic AL needs --labeled (id, label) to sum G over; or pass --gamma 0")
+    return model_cfg, scoring, pool, state, ids, labels, tuple(args.image_size) if args.image_size else None
+
+
+def _read_labeled(path: Path | None, pool: PoolInfo, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, labels) of ``--labeled``: columns id and label, no nulls, unique ids of ``pool``, labels < num_classes."""
     if path is None:
         return np.empty(0, np.int64), np.empty(0, np.int64)
     try:
         table = pq.read_table(path)
     except Exception as error:
-        raise SystemExit(f"cannot read --labeled {path} as Parquet: {error}")
+        raise ConfigError(f"cannot read --labeled {path} as Parquet: {error}") from None
     missing = {"id", "label"} - set(table.column_names)
     if missing:
-        raise SystemExit(f"--labeled {path} needs columns id and label; it lacks {sorted(missing)}")
-    return table["id"].to_numpy().astype(np.int64), table["label"].to_numpy().astype(np.int64)
+        raise ConfigError(f"--labeled {path} needs columns id and label; it lacks {sorted(missing)}")
+    if table["id"].null_count or table["label"].null_count:
+        raise ConfigError(f"--labeled {path} has missing ids or labels; every row needs both")
+    ids, labels = (table[c].to_numpy().astype(np.int64) for c in ("id", "label"))
+    uniq, counts = np.unique(ids, return_counts=True)
+    if uniq.size != ids.size:
+        raise ConfigError(f"--labeled {path} lists ids {uniq[counts > 1][:10].tolist()} more than once; each labeled "
+                          "sample must appear once")
+    absent = np.setdiff1d(ids, read_ids(pool))
+    if absent.size:
+        raise ConfigError(f"--labeled {path} has {absent.size} id(s) that pool {pool.source} does not hold, e.g. "
+                          f"{absent[:10].tolist()}. Fix: pass the pool these samples were labeled from, or drop them")
+    bad = np.unique(labels[(labels < 0) | (labels >= num_classes)])
+    if bad.size:
+        raise ConfigError(f"--labeled {path} has labels {bad[:10].tolist()} outside [0, --num-classes = {num_classes})")
+    return ids, labels
 
 
 def _synth(args: argparse.Namespace) -> None:
@@ -119,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    args.run(args)
+    with exit_on_user_error(f"ray-dal {args.command}"):  # a message that names the fix, not a traceback
+        args.run(args)
 
 
 if __name__ == "__main__":

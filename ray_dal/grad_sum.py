@@ -16,6 +16,7 @@ import torch
 from .actors import actor_device, load_model, use_cpu_share
 from .config import ModelConfig
 from .data import PoolInfo, preprocess_batch, read_pool
+from .errors import carried, carry, original_errors
 from .runtime import cluster_has_gpus
 from .scoring import labeled_gradient, scoped_parameters
 
@@ -28,6 +29,7 @@ class _PartialGradSum:
         self.model = load_model(model_cfg, state_ref, self.device)
         self.ids, self.labels, self.scope, self.image_size = ids, labels, scope, image_size
 
+    @carry
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pre = preprocess_batch(dict(batch), image_size=self.image_size, on_bad="fail")
         y = torch.from_numpy(self.labels[np.searchsorted(self.ids, pre["id"])])
@@ -65,9 +67,10 @@ def pool_grad_sum(
                                    scope=scope, image_size=image_size),
     )
     total, count = np.zeros(sum(int(np.prod(s)) for s in shapes.values())), 0
-    for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        total += out["g"].sum(0)
-        count += int(out["n"].sum())
+    with original_errors("a ray_dal.grad_sum actor (G over the labeled samples)"):
+        for out in carried(ds).iter_batches(batch_size=None, batch_format="numpy"):
+            total += out["g"].sum(0)
+            count += int(out["n"].sum())
     if count != len(ids):
         raise RuntimeError(f"G summed {count} labeled samples, expected {len(ids)}")
     grads, start = {}, 0

@@ -4,11 +4,18 @@ Pool -> read tasks (one per row group) -> `PoolScorer` actors (decode, drop excl
 keep the batch's own top-b) -> driver (`TopB` merge). Only ids and scores reach the driver: memory
 there is O(b) plus one block of per-batch top-b's, never O(pool). The math lives in `ray_dal.scoring`, the decoding in
 `ray_dal.data`, the selection in `ray_dal.topk`; this module only moves things between them.
+
+Faults. Ray Data 2.60 creates actor-pool actors with ``max_restarts=-1, max_task_retries=-1``
+(``ActorPoolMapOperator._apply_default_remote_args``): a scorer that dies (killed, OOM, its node lost)
+is restarted from the same object-store weights and its unfinished batches are retried. A batch's
+scores depend only on the model and the batch, so the query is the one a fault-free run returns
+(tests/test_reliability.py). They are not passed explicitly: ``map_batches(**ray_remote_args)`` is
+deprecated in 2.60 and goes away in 2.64. A fault that never clears (a batch that kills every
+actor) fails after ``runtime.no_progress_timeout_s``.
 """
 
 from __future__ import annotations
 
-import pickle
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -16,19 +23,20 @@ from typing import Any, Mapping
 import numpy as np
 import ray
 import torch
-from ray.exceptions import RayTaskError, UserCodeException
 
 from ray_dal.actors import (
     actor_device,
+    check_weights,
     load_model,
     model_config,
     resolve,
+    scorer_gpus,
     use_cpu_share,
 )
-from ray_dal.config import STRATEGIES, ModelConfig, ScoringConfig
+from ray_dal.config import TOP_B_STRATEGIES, ConfigError, ModelConfig, ScoringConfig
 from ray_dal.data import PoolInfo, inspect_pool, preprocess_batch, read_ids, read_pool
 from ray_dal.data.transforms import ON_BAD
-from ray_dal.runtime import cluster_has_gpus
+from ray_dal.errors import carried, carry, original_errors
 from ray_dal.scoring import (
     dynamic_scores,
     entropy,
@@ -63,8 +71,9 @@ class PoolQuery:
 
 
 def _check_strategy(strategy: str) -> None:
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown scoring strategy {strategy!r}; choose one of {list(STRATEGIES)}")
+    if strategy not in TOP_B_STRATEGIES:
+        raise ValueError(f"score_pool ranks by a per-sample score: strategy {strategy!r} is not one of "
+                         f"{list(TOP_B_STRATEGIES)} (coreset, badge and albl go through ray_dal.query.select_query)")
 
 
 def _as_ids(exclude_ids: Any) -> np.ndarray:
@@ -76,51 +85,15 @@ def _as_ids(exclude_ids: Any) -> np.ndarray:
     return np.unique(ids.astype(np.int64))
 
 
-class ScorerError(UserCodeException):
-    """Carries an exception raised inside a scoring actor to the driver intact (type, message, attributes).
-
-    Ray Data would otherwise wrap it in a ``UserCodeException`` whose pickled form drops the cause;
-    `score_pool` unwraps it and re-raises ``error`` itself. The error travels as (type, args, vars),
-    so error classes whose ``__init__`` takes other arguments than their message (e.g.
-    ``ImageDecodeError``) arrive too.
-    """
-
-    def __init__(self, error: BaseException):
-        self.error = error
-        super().__init__(f"{type(error).__name__}: {error}")
-
-    def __reduce__(self):
-        return (_rebuild_scorer_error, _parts(self.error))
-
-    @classmethod
-    def wrap(cls, error: BaseException) -> "ScorerError":
-        try:
-            pickle.loads(pickle.dumps(_parts(error)))
-        except Exception:  # an unpicklable error still reaches the driver as its type name and message
-            error = RuntimeError(f"{type(error).__name__}: {error}")
-        return cls(error)
-
-
-def _parts(error: BaseException) -> tuple:
-    return type(error), error.args, dict(vars(error))
-
-
-def _rebuild_scorer_error(cls: type, args: tuple, state: dict) -> ScorerError:
-    error = cls.__new__(cls, *args)
-    error.args = args
-    error.__dict__.update(state)
-    return ScorerError(error)
-
-
 class PoolScorer:
     """Callable class for ``map_batches``: one model per actor; each batch in, its top-``budget`` out.
 
     Output per batch (numpy): ``id`` int64, ``score`` float64, ``skipped`` bool (True: an image that
     failed to decode under ``on_bad="skip"``, score 0, not a candidate) and ``num_scored`` int64,
     which holds the batch's count of scored samples on its first row and 0 elsewhere (so the column's
-    sum over all batches is the number of samples scored). Errors reach the driver as `ScorerError`:
-    ``ray_dal.topk.NonFiniteScoreError`` naming the ids whose score is NaN or infinite,
-    ``ray_dal.data.ImageDecodeError`` for bad images under ``on_bad="fail"``.
+    sum over all batches is the number of samples scored). Errors reach the driver as themselves
+    (`ray_dal.errors.carry`): ``ray_dal.topk.NonFiniteScoreError`` naming the ids whose score is NaN or
+    infinite, ``ray_dal.data.ImageDecodeError`` for bad images under ``on_bad="fail"``.
     """
 
     def __init__(
@@ -163,13 +136,8 @@ class PoolScorer:
                 scores = _UNCERTAINTY[self.strategy](self.model(x))
         return scores.detach().to("cpu", torch.float64).numpy()
 
+    @carry
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        try:
-            return self._top_of(batch)
-        except Exception as error:
-            raise ScorerError.wrap(error) from error
-
-    def _top_of(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = np.asarray(batch["id"], dtype=np.int64)
         keep = ~np.isin(ids, self.exclude_ids)
         top_ids, top_scores, skipped = np.empty(0, np.int64), np.empty(0, np.float64), np.empty(0, np.int64)
@@ -193,17 +161,6 @@ class PoolScorer:
             "skipped": np.arange(n) >= top_ids.size,
             "num_scored": num_scored,
         }
-
-
-def _scorer_error(error: BaseException) -> BaseException | None:
-    """The exception a scoring actor raised, found behind Ray's wrappers; None if there is none."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, ScorerError):
-            return error.error
-        error = error.cause if isinstance(error, RayTaskError) else error.__cause__
-    return None
 
 
 def score_pool(
@@ -249,14 +206,11 @@ def score_pool(
         state_ref = ray.put({n: t.detach().cpu() for n, t in state_dict.items()})
         if strategy == "dynamic" and grad_sum is not None:
             grad_ref = ray.put({n: t.detach().cpu() for n, t in grad_sum.items()})
-    num_gpus = scoring_cfg.gpus_per_scorer
-    if num_gpus is None:
-        num_gpus = 1 if cluster_has_gpus() else 0
     ds = read_pool(info, columns=("id", "image"), preserve_order=False).map_batches(
         PoolScorer,
         compute=ray.data.ActorPoolStrategy(size=scoring_cfg.num_scorers),
         num_cpus=scoring_cfg.cpus_per_scorer,
-        num_gpus=num_gpus,
+        num_gpus=scorer_gpus(scoring_cfg),
         batch_size=scoring_cfg.batch_size,
         batch_format="numpy",
         fn_constructor_kwargs=dict(
@@ -266,25 +220,18 @@ def score_pool(
         ),
     )
     ds.context.enable_progress_bars = progress
-    ds.context.raise_original_map_exception = True  # lets ScorerError (a UserCodeException) through intact
     merged, num_scored, skipped = TopB(int(budget)), 0, []
-    try:
-        for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    with original_errors("a ray_dal.pool_scoring.PoolScorer actor"):  # the scorer's own error, not Ray's wrapping
+        for out in carried(ds).iter_batches(batch_size=None, batch_format="numpy"):
             bad = out["skipped"]
             merged.add(out["id"][~bad], out["score"][~bad])
             skipped.append(out["id"][bad])
             num_scored += int(out["num_scored"].sum())
-    except Exception as error:  # show the scorer's own error, not Ray's wrapping of it
-        root = _scorer_error(error)
-        if root is None:
-            raise
-        root.add_note("(raised inside a ray_dal.pool_scoring.PoolScorer actor)")
-        raise root from None
     seconds = time.perf_counter() - start
     ids, scores = merged.result()
     skipped_ids = np.sort(np.concatenate(skipped)) if skipped else np.empty(0, np.int64)
     if ids.size < budget:
-        raise ValueError(
+        raise ConfigError(
             f"budget b = {budget} exceeds the {num_scored} samples that could be scored "
             f"({skipped_ids.size} bad image(s) skipped, e.g. ids {skipped_ids[:10].tolist()}); lower b"
         )
@@ -295,9 +242,6 @@ def _check_model_inputs(model_cfg: ModelConfig, state_dict, grad_sum, scoring_cf
     """Fail on the driver, before any actor starts, when the weights or G do not fit the model."""
     if state_dict is None:
         raise ValueError(f"strategy {scoring_cfg.strategy!r} needs the model's state_dict; got None")
-    try:
-        model = load_model(model_cfg, state_dict)
-    except RuntimeError as error:
-        raise ValueError(f"state_dict does not fit {model_cfg}: {error}") from None
+    model = load_model(model_cfg, check_weights(model_cfg, state_dict, "state_dict"))
     if scoring_cfg.strategy == "dynamic" and float(scoring_cfg.gamma) != 0:
         check_grad_sum(scoped_parameters(model, scoring_cfg.scope), grad_sum)

@@ -9,8 +9,10 @@
 
 A round is written into ``OUT/.round_000.partial`` and renamed into place once every file is on
 disk, so a ``round_*`` folder is always complete: a run killed at any point resumes after its last
-complete round and never re-queries or duplicates one. ``metrics.jsonl`` is rebuilt from the round
-folders after each round.
+complete round and never re-queries or duplicates one: `RunDir.start` deletes partial folders and
+temp files a killed run left behind. ``metrics.jsonl`` is derived data, rebuilt from the round
+folders after each round and on every start (a kill between a round's rename and that rebuild
+leaves it one line short until then).
 """
 
 from __future__ import annotations
@@ -29,13 +31,17 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
+from .actors import load_weights_file
 from .config import ConfigError, ExperimentConfig, save_config
 
 _ROUND = re.compile(r"^round_(\d{3,})$")
 
-# Settings that change how fast a run goes but not what it computes: a resumed run may change them.
-_NOT_IDENTITY = {"runtime": None, "data": {"data_dir"}, "scoring": {"num_scorers", "cpus_per_scorer", "gpus_per_scorer",
-                                                                    "batch_size"}, "train": {"cpus_per_worker", "use_gpu"}}
+# Settings that change how fast a run goes or where its files are, not what it computes: a resumed run
+# may change them (so a run folder can be moved, and its data too). on_bad_image too: a round that
+# completed under "fail" met no bad image, so "skip" would have computed the same round.
+_NOT_IDENTITY = {"runtime": None, "data": {"data_dir", "on_bad_image"}, "loop": {"out"},
+                 "scoring": {"num_scorers", "cpus_per_scorer", "gpus_per_scorer", "batch_size"},
+                 "train": {"cpus_per_worker", "use_gpu"}}
 
 
 @dataclass
@@ -79,16 +85,26 @@ class RunDir:
         _atomic_write(path, lambda tmp: save_config(cfg, tmp))
         for stale in self.root.glob(".round_*.partial"):  # left by a run killed mid-write
             shutil.rmtree(stale)
+        for stale in self.root.glob(".*.tmp"):  # a temp file of an _atomic_write cut short
+            stale.unlink()
+        self._rebuild_metrics()
 
     def load(self, index: int) -> Round:
+        """Round ``index`` from disk; `WeightsError` if its model.pt is not plain weights (never unpickles code)."""
         path = self.round_path(index)
+        missing = [f for f in ("labeled.parquet", "model.pt", "metrics.json") if not (path / f).is_file()]
+        if missing:
+            raise ConfigError(f"{path} lacks {missing}: it was changed after ray_dal wrote it. Fix: delete "
+                              f"{path.name} and the rounds after it to recompute them, or pass a new --out")
         labeled = pq.read_table(path / "labeled.parquet")
         selected = path / "selected.parquet"
+        state_dict = load_weights_file(path / "model.pt", f"Fix: delete {path.name} and the rounds after it to "
+                                       "recompute them, or pass a new --out")
         return Round(
             index=index,
             labeled_ids=labeled["id"].to_numpy(),
             labeled_labels=labeled["label"].to_numpy(),
-            state_dict=torch.load(path / "model.pt", map_location="cpu", weights_only=True),
+            state_dict=state_dict,
             selected_ids=pq.read_table(selected)["id"].to_numpy() if selected.exists() else None,
         )
 
@@ -117,6 +133,7 @@ class RunDir:
         (partial / "metrics.json").write_text(json.dumps(metrics))
         _fsync_tree(partial)
         os.rename(partial, final)
+        _fsync_dir(self.root)  # the rename itself survives a crash of the machine
         self._rebuild_metrics()
         return final
 
@@ -145,6 +162,14 @@ def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
     os.replace(tmp, path)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -3,7 +3,7 @@
 - `prepare_labeled(pool, ids)`: the labeled set decoded once per round (columns ``id``, ``x``, ``label``).
 - `fit_round(...) -> RoundFit`: DDP training on Ray Train workers, then G over every labeled sample,
   computed by the same workers and all-reduced.
-- `evaluate(...)`: exact test accuracy through a Ray Data actor pool.
+- `evaluate(...)` / `count_correct(...)`: exact test accuracy through a Ray Data actor pool.
 
 Sharding. Ray Train's default split (``streaming_split(equal=True)``) drops rows to equalise shards,
 which would silently change G. Instead the driver partitions the labeled ids (a seeded permutation,
@@ -54,9 +54,10 @@ from ray.train import (
 from ray.train.torch import TorchTrainer
 from torch import nn
 
-from .actors import actor_device, load_model, use_cpu_share
+from .actors import actor_device, check_weights, load_model, use_cpu_share
 from .config import ExperimentConfig, ModelConfig, TrainConfig, validate
 from .data import PoolInfo, preprocess_batch, read_pool
+from .errors import carried, carry, original_errors
 from .models import build_model
 from .runtime import cluster_has_gpus
 from .scoring import labeled_gradient, scoped_parameters
@@ -87,17 +88,23 @@ class RoundFit:
 # ----------------------------------------------------------------------------------------- labeled set
 
 
-def prepare_labeled(pool: PoolInfo | str, ids: np.ndarray, image_size: tuple[int, int] | None = None) -> ray.data.Dataset:
+def prepare_labeled(
+    pool: PoolInfo | str, ids: np.ndarray, image_size: tuple[int, int] | None = None, on_bad: str = "fail"
+) -> ray.data.Dataset:
     """Read the rows ``ids`` of ``pool``, decode them once and materialise: columns ``id``, ``x``, ``label``.
 
-    Raises ``ValueError`` for empty, non-integer or duplicate ids, or ids the pool does not hold.
+    Raises ``ValueError`` for empty, non-integer or duplicate ids, or ids the pool does not hold, and
+    ``ImageDecodeError`` (with the ids) for images that cannot be used; under ``on_bad="skip"`` those
+    rows are left out instead (`dataset_ids` tells which ids remain).
     """
     ids = _check_ids(ids)
     labeled = read_pool(pool, ids=ids).map_batches(
-        preprocess_batch, batch_format="numpy", fn_kwargs={"image_size": image_size}
-    ).materialize()
+        carry(preprocess_batch), batch_format="numpy", fn_kwargs={"image_size": image_size, "on_bad": on_bad}
+    )
+    with original_errors("the decoding of the labeled set"):
+        labeled = carried(labeled).materialize()
     found = labeled.count()
-    if found != len(ids):
+    if found != len(ids) and not (on_bad == "skip" and found < len(ids)):
         raise ValueError(f"the pool holds {found} of the {len(ids)} requested labeled ids")
     labeled.context.enable_progress_bars = False  # the workers' re-reads of this small set need no bars
     return labeled
@@ -116,7 +123,7 @@ def _check_ids(ids: Any) -> np.ndarray:
     return ids
 
 
-def _labeled_ids(labeled: ray.data.Dataset) -> np.ndarray:
+def dataset_ids(labeled: ray.data.Dataset) -> np.ndarray:
     """The ``id`` column of the labeled set (checked unique), after checking its columns."""
     columns = set(labeled.columns() or ())
     missing = {"id", "x", "label"} - columns
@@ -170,7 +177,7 @@ def fit_round(
     """
     _check_fit_inputs(model_cfg, train_cfg, init_state, scope, name, max_failures)
     storage = Path(storage_dir).expanduser().resolve()
-    ids = _labeled_ids(labeled)
+    ids = dataset_ids(labeled)
     world = max(train_cfg.num_workers, 1)
     if len(ids) < world:
         raise ValueError(f"the labeled set has {len(ids)} rows, fewer than train.num_workers = {world}")
@@ -226,10 +233,7 @@ def _check_fit_inputs(model_cfg, train_cfg, init_state, scope, name, max_failure
     model = build_model(model_cfg.name, model_cfg.num_classes, model_cfg.in_channels)
     scoped_parameters(model, scope)  # raises for an unknown scope or a model without a final Linear
     if init_state is not None:
-        try:
-            model.load_state_dict(init_state)
-        except RuntimeError as e:
-            raise ValueError(f"init_state does not fit model {model_cfg.name!r}: {e}") from None
+        check_weights(model_cfg, init_state, "init_state")
 
 
 def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -434,27 +438,40 @@ def _read_checkpoint(checkpoint: Checkpoint | None) -> dict | None:
 
 
 class _Evaluator:
-    """Ray Data actor: the model loaded once; each batch becomes one row (correct, n)."""
+    """Ray Data actor: the model loaded once; each batch becomes rows of (correct, n, id, skipped).
 
-    def __init__(self, model_cfg: dict, state, decode: bool, image_size: tuple[int, int] | None, use_gpu: bool):
+    The first row holds the batch's counts ``correct`` and ``n`` (``skipped`` False); each further
+    row holds the ``id`` of an image that could not be decoded under ``on_bad="skip"`` (counts 0).
+    """
+
+    def __init__(self, model_cfg: dict, state, decode: bool, image_size: tuple[int, int] | None, use_gpu: bool,
+                 on_bad: str = "fail"):
         use_cpu_share()
         self.device = actor_device(use_gpu)
         self.model = load_model(model_cfg, state, self.device)
-        self.decode, self.image_size = decode, image_size
+        self.decode, self.image_size, self.on_bad = decode, image_size, on_bad
 
+    @carry
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        skipped = np.empty(0, np.int64)
         if self.decode:
-            batch = preprocess_batch(batch, image_size=self.image_size)
+            ids = np.asarray(batch["id"], np.int64) if "id" in batch else None
+            batch = preprocess_batch(batch, image_size=self.image_size, on_bad=self.on_bad)
+            if ids is not None:
+                skipped = np.setdiff1d(ids, batch["id"])
         labels = torch.from_numpy(np.asarray(batch["label"], dtype=np.int64)).to(self.device)
-        if len(labels) == 0:
-            return {"correct": np.zeros(1, np.int64), "n": np.zeros(1, np.int64)}
-        with torch.inference_mode():
-            logits = self.model(torch.from_numpy(np.array(batch["x"], dtype=np.float32)).to(self.device))
-        correct = int((logits.argmax(dim=1) == labels).sum().item())
-        return {"correct": np.array([correct], np.int64), "n": np.array([len(labels)], np.int64)}
+        correct = 0
+        if len(labels):
+            with torch.inference_mode():
+                logits = self.model(torch.from_numpy(np.array(batch["x"], dtype=np.float32)).to(self.device))
+            correct = int((logits.argmax(dim=1) == labels).sum().item())
+        counts = np.zeros((2, 1 + skipped.size), np.int64)
+        counts[:, 0] = correct, len(labels)
+        return {"correct": counts[0], "n": counts[1], "id": np.concatenate([np.zeros(1, np.int64), skipped]),
+                "skipped": np.arange(1 + skipped.size) > 0}
 
 
-def evaluate(
+def count_correct(
     model_cfg: ModelConfig,
     state_dict: dict[str, torch.Tensor],
     test: ray.data.Dataset,
@@ -463,11 +480,13 @@ def evaluate(
     num_actors: int = 1,
     cpus_per_actor: float = 0.5,
     image_size: tuple[int, int] | None = None,
-) -> float:
-    """Exact accuracy (correct / rows, over every row of ``test``) of the model ``state_dict``.
+    on_bad: str = "fail",
+) -> tuple[int, int, np.ndarray]:
+    """(correct, rows evaluated, ids of images skipped under ``on_bad="skip"``) of the model on ``test``.
 
-    ``test`` has columns ``x``, ``label`` (decoded) or ``image``, ``label`` (decoded in the actors).
-    Runs on ``num_actors`` Ray Data actors, one GPU each when the cluster has GPUs.
+    ``test`` has columns ``x``, ``label`` (decoded) or ``image``, ``label`` and optionally ``id``
+    (decoded in the actors; bad images raise ``ImageDecodeError`` or, under "skip", are left out and
+    listed). Runs on ``num_actors`` Ray Data actors, one GPU each when the cluster has GPUs.
     """
     if batch_size < 1 or num_actors < 1 or cpus_per_actor < 0:
         raise ValueError(f"need batch_size >= 1, num_actors >= 1, cpus_per_actor >= 0; got "
@@ -488,12 +507,21 @@ def evaluate(
         num_cpus=cpus_per_actor,
         num_gpus=1 if use_gpu else 0,
         fn_constructor_kwargs={"model_cfg": asdict(model_cfg), "state": ray.put(_cpu(state_dict)),
-                               "decode": decode, "image_size": image_size, "use_gpu": use_gpu},
+                               "decode": decode, "image_size": image_size, "use_gpu": use_gpu, "on_bad": on_bad},
     )
     correct = total = 0
-    for batch in counts.iter_batches(batch_format="numpy", batch_size=None):
-        correct += int(batch["correct"].sum())
-        total += int(batch["n"].sum())
+    skipped = []
+    with original_errors("a ray_dal.training evaluation actor"):
+        for batch in carried(counts).iter_batches(batch_format="numpy", batch_size=None):
+            correct += int(batch["correct"].sum())
+            total += int(batch["n"].sum())
+            skipped.append(batch["id"][batch["skipped"]])
+    return correct, total, np.sort(np.concatenate(skipped)) if skipped else np.empty(0, np.int64)
+
+
+def evaluate(model_cfg: ModelConfig, state_dict: dict[str, torch.Tensor], test: ray.data.Dataset, **kwargs) -> float:
+    """Exact accuracy (correct / rows, over every usable row of ``test``); arguments as `count_correct`."""
+    correct, total, _ = count_correct(model_cfg, state_dict, test, **kwargs)
     if total == 0:
         raise ValueError("the test dataset is empty")
     return correct / total

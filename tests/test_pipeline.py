@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,28 +15,15 @@ import yaml
 from ray_dal.cli import main as ray_dal_main
 from ray_dal.models import build_model
 
-from .conftest import JOB_ARGS, REPO
+from .conftest import JOB_ARGS, REPO, assert_same_run, run_job
+from .faults import kill_job_when
 
 ROUNDS, INITIAL, BUDGET = 2, 200, 100
-
-
-def run_job(argv: list[str]) -> None:
-    spec = importlib.util.spec_from_file_location("cifar10_job", REPO / "jobs" / "cifar10.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    job.main(argv)
 
 
 @pytest.fixture(scope="module")
 def data_dir(cifar10_slice) -> Path:
     return cifar10_slice
-
-
-@pytest.fixture(scope="module")
-def finished_run(ray_local, data_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "uninterrupted"
-    run_job(["--data-dir", str(data_dir), "--out", str(out), *JOB_ARGS])
-    return out
 
 
 def read_ids(path: Path) -> np.ndarray:
@@ -109,33 +91,9 @@ def test_killed_run_resumes_to_the_same_files(finished_run, data_dir, tmp_path):
     out = tmp_path / "killed"
     argv = [sys.executable, str(REPO / "jobs" / "cifar10.py"), "--data-dir", str(data_dir), "--out", str(out),
             *JOB_ARGS, "--num-cpus", "2"]
-    job = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 600
-        while not (out / "round_000").exists():
-            assert job.poll() is None, "the job ended before completing round 0"
-            assert time.monotonic() < deadline, "round 0 did not complete within 10 minutes"
-            time.sleep(0.2)
-    finally:
-        os.killpg(job.pid, signal.SIGKILL)  # the driver and its embedded Ray, mid-way through round 1
-        job.wait()
+    # The driver and its embedded Ray, killed mid-way through round 1.
+    kill_job_when(argv, lambda pid: (out / "round_000").exists(), "round 0 was complete")
     assert not (out / f"round_{ROUNDS:03d}").exists(), "the kill came too late to test a resume"
 
     run_job(["--data-dir", str(data_dir), "--out", str(out), *JOB_ARGS])
-
-    for r in range(ROUNDS + 1):
-        mine, ref = out / f"round_{r:03d}", finished_run / f"round_{r:03d}"
-        assert sorted(p.name for p in mine.iterdir()) == sorted(p.name for p in ref.iterdir())
-        assert pq.read_table(mine / "labeled.parquet").equals(pq.read_table(ref / "labeled.parquet"))
-        a, b = (torch.load(f / "model.pt", weights_only=True) for f in (mine, ref))
-        for name in b:
-            torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
-        if r < ROUNDS:
-            x, y = pq.read_table(mine / "selected.parquet"), pq.read_table(ref / "selected.parquet")
-            assert np.array_equal(x["id"].to_numpy(), y["id"].to_numpy())
-            np.testing.assert_allclose(x["score"].to_numpy(), y["score"].to_numpy(), rtol=1e-5)
-    assert not list(out.glob(".round_*.partial"))
-    keys = ("round", "n_labeled", "test_accuracy", "pool_size")
-    lines = [[{k: json.loads(s)[k] for k in keys} for s in (f / "metrics.jsonl").read_text().splitlines()]
-             for f in (out, finished_run)]
-    assert lines[0] == lines[1]
+    assert_same_run(out, finished_run)

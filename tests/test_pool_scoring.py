@@ -132,7 +132,7 @@ def test_budget_equal_to_the_unlabeled_count_returns_all_of_them(ray_local, pool
 def test_non_finite_scores_raise_with_their_ids(ray_local, pool_slice):
     s = pool_slice
     state = {n: t.clone() for n, t in s.model.state_dict().items()}
-    state["fc3.bias"][4] = float("nan")  # every logit vector holds a NaN: every score is NaN
+    state["fc3.weight"] = torch.full_like(state["fc3.weight"], 3e38)  # finite weights, logits overflow to inf
     with pytest.raises(NonFiniteScoreError) as info:
         run(s, "entropy", num_scorers=1, state_dict=state, progress=False)
     assert info.value.ids.size > 0
@@ -143,6 +143,10 @@ def test_mismatched_weights_or_g_fail_before_any_actor_starts(ray_local, pool_sl
     s = pool_slice
     with pytest.raises(ValueError, match="state_dict does not fit"):
         run(s, "entropy", state_dict=build_model("vgg11", 10).state_dict())
+    nan = {n: t.clone() for n, t in s.model.state_dict().items()}
+    nan["fc3.bias"][4] = float("nan")
+    with pytest.raises(ValueError, match=r"state_dict holds NaN or infinite values in \['fc3.bias'\]"):
+        run(s, "entropy", state_dict=nan)
     cfg = ScoringConfig(strategy="dynamic", scope="all")
     with pytest.raises(ValueError, match="grad_sum"):
         score_pool(s.path, model_cfg={"name": "cnn"}, state_dict=s.model.state_dict(), grad_sum=None,

@@ -36,6 +36,8 @@ from ray_dal.training import (
     step_plan,
 )
 
+from .faults import descendants
+
 MODEL = ModelConfig(name="cnn", num_classes=10)
 
 
@@ -77,23 +79,6 @@ def train_path(cifar10_dir) -> Path:
 @pytest.fixture(scope="module")
 def storage(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("train_runs")
-
-
-def descendants(pid: int) -> list[int]:
-    """Process ids below ``pid`` (this test's own Ray cluster), from /proc."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def registered_epoch(run_dir: Path) -> int:
