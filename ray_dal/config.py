@@ -14,7 +14,9 @@ from typing import Any, Mapping
 
 import yaml
 
-STRATEGIES = ("dynamic", "random", "entropy", "margin", "confidence")
+TOP_B_STRATEGIES = ("dynamic", "random", "entropy", "margin", "confidence")  # a score per sample; the top b
+DIVERSITY_STRATEGIES = ("coreset", "badge", "albl")  # a batch chosen jointly from embedded candidates
+STRATEGIES = TOP_B_STRATEGIES + DIVERSITY_STRATEGIES
 
 
 class ConfigError(ValueError):
@@ -57,6 +59,7 @@ class ScoringConfig:
     batch_size: int = 256
     cpus_per_scorer: float = 0.5
     gpus_per_scorer: float | None = None  # None: 1 per actor when the cluster has GPUs, else 0
+    candidates: int | None = 100_000  # coreset/badge/albl: seeded subsample of the unlabeled pool (None: all)
 
 
 @dataclass
@@ -154,6 +157,7 @@ def validate(cfg: ExperimentConfig) -> None:
     need(float(s.gamma) >= 0, "scoring.gamma", s.gamma, "must be >= 0 (inf for the influence variant)")
     need(s.num_scorers >= 1, "scoring.num_scorers", s.num_scorers, "must be >= 1")
     need(s.batch_size >= 1, "scoring.batch_size", s.batch_size, "must be >= 1")
+    need(s.candidates is None or s.candidates >= 1, "scoring.candidates", s.candidates, "must be >= 1 or null")
     need(t.max_epochs >= 1, "train.max_epochs", t.max_epochs, "must be >= 1")
     need(t.train_accuracy is None or 0 < t.train_accuracy <= 1, "train.train_accuracy", t.train_accuracy,
          "must be in (0, 1] or null")

@@ -19,7 +19,7 @@ from .actors import check_weights
 from .config import ConfigError, ExperimentConfig
 from .data import PoolInfo, inspect_pool, read_labels, read_pool, resolve_cifar10
 from .models import available_models, build_model
-from .pool_scoring import score_pool
+from .query import Labeled, select_query
 from .run_dir import RunDir
 from .runtime import init_ray
 from .training import count_correct, dataset_ids, fit_round, prepare_labeled
@@ -113,6 +113,11 @@ def run_experiment(cfg: ExperimentConfig) -> RunDir:
     return run
 
 
+def _albl_history(run: RunDir, r: int) -> list[dict]:
+    """ALBL's state and query of each round before ``r``, as `select_query` continues the bandit from them."""
+    return [{"selected_ids": run.selected_ids(k), "albl": m["albl"]} for k, m in enumerate(run.metrics()[:r])]
+
+
 def _run_round(cfg: ExperimentConfig, exp: Experiment, run: RunDir, r: int, labeled: np.ndarray, state) -> dict:
     round_start = time.perf_counter()
     labels = exp.pool_labels[np.searchsorted(exp.pool_ids, labeled)]
@@ -136,10 +141,11 @@ def _run_round(cfg: ExperimentConfig, exp: Experiment, run: RunDir, r: int, labe
     unlabeled = len(exp.pool_ids) - len(labeled)
     query = None
     if r < cfg.loop.rounds:
-        query = score_pool(
-            exp.train, model_cfg=cfg.model, state_dict=fit.state_dict, grad_sum=fit.grad_sum,
-            scoring_cfg=cfg.scoring, budget=cfg.loop.budget, exclude_ids=np.union1d(labeled, exp.outside_pool),
-            seed=seed, image_size=exp.image_size, on_bad=on_bad,
+        history = _albl_history(run, r) if cfg.scoring.strategy == "albl" else ()
+        query = select_query(
+            exp.train, Labeled(labeled, labels, history), model_cfg=cfg.model, state_dict=fit.state_dict,
+            grad_sum=fit.grad_sum, scoring_cfg=cfg.scoring, budget=cfg.loop.budget,
+            exclude_ids=np.union1d(labeled, exp.outside_pool), seed=seed, image_size=exp.image_size, on_bad=on_bad,
         )
         skipped = np.union1d(skipped, query.skipped_ids)
     metrics = {
@@ -158,6 +164,7 @@ def _run_round(cfg: ExperimentConfig, exp: Experiment, run: RunDir, r: int, labe
         "strategy": cfg.scoring.strategy,
         "skipped_ids": skipped.tolist(),  # pool images that could not be decoded (on_bad_image: skip): never queried
         "skipped_test_ids": skipped_test.tolist(),  # test images left out of test_accuracy
+        **(query.info if query is not None else {}),  # e.g. ALBL's bandit state, the candidate count
     }
     run.write_round(r, labeled, labels, fit.state_dict, metrics,
                     None if query is None else (query.ids, query.scores))

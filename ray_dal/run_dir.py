@@ -137,6 +137,10 @@ class RunDir:
         self._rebuild_metrics()
         return final
 
+    def selected_ids(self, index: int) -> np.ndarray:
+        """Round ``index``'s query, in rank order."""
+        return pq.read_table(self.round_path(index) / "selected.parquet")["id"].to_numpy()
+
     def metrics(self) -> list[dict[str, Any]]:
         return [json.loads((self.round_path(i) / "metrics.json").read_text()) for i in self.completed_rounds()]
 

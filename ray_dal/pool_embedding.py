@@ -1,0 +1,140 @@
+"""Ray plumbing for the diversity baselines: stream chosen pool samples through embedding actors.
+
+Pool rows (only the requested ids are read) -> `PoolEmbedder` actors (decode, one forward each) ->
+driver, which gathers ``(id, pred, a[, e])`` for every sample: O(N (d + K)) floats, which is why the
+strategies that need whole-pool embeddings work on a candidate subsample (``scoring.candidates``).
+The math is `ray_dal.selection.embedding_parts`; the actor pool is configured like the scorers'
+(``scoring.num_scorers``, ``cpus_per_scorer``, ``gpus_per_scorer``, ``batch_size``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import ray
+import torch
+
+from .actors import (
+    actor_device,
+    check_weights,
+    load_model,
+    model_config,
+    scorer_gpus,
+    use_cpu_share,
+)
+from .config import ConfigError, ModelConfig, ScoringConfig
+from .data import PoolInfo, inspect_pool, preprocess_batch, read_pool
+from .errors import carried, carry, original_errors
+from .scoring import final_linear
+from .selection import embedding_parts
+
+
+@dataclass
+class PoolEmbedding:
+    """Embeddings of pool samples, sorted by id.
+
+    ``ids`` [N] int64; ``pred`` [N] int64 (argmax class); ``features`` [N, d] float32 (the last linear
+    layer's input, ``a``); ``residuals`` [N, K] float32 (softmax - onehot(pred), ``e``) or None when not
+    asked for; ``skipped_ids``: images that could not be decoded under ``on_bad="skip"``.
+    """
+
+    ids: np.ndarray
+    pred: np.ndarray
+    features: np.ndarray
+    residuals: np.ndarray | None
+    skipped_ids: np.ndarray
+    seconds: float
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Positions of ``ids`` (each must be present) in this embedding."""
+        pos = np.searchsorted(self.ids, ids)
+        if np.any(pos >= self.ids.size) or np.any(self.ids[np.minimum(pos, self.ids.size - 1)] != ids):
+            raise KeyError(f"ids {np.setdiff1d(ids, self.ids)[:10].tolist()} were not embedded")
+        return pos
+
+
+class PoolEmbedder:
+    """Callable class for ``map_batches``: one model per actor; a batch of (id, image) in, embeddings out."""
+
+    def __init__(self, model_cfg: ModelConfig | Mapping[str, Any], state_ref: Any, residuals: bool,
+                 image_size: tuple[int, int] | None = None, on_bad: str = "fail"):
+        self.device = actor_device()
+        use_cpu_share()
+        self.model = load_model(model_cfg, state_ref, self.device)
+        layer = final_linear(self.model)[1]
+        self.widths = {"a": layer.in_features, "e": layer.out_features}
+        self.residuals, self.image_size, self.on_bad = residuals, image_size, on_bad
+
+    @carry
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = np.asarray(batch["id"], np.int64)
+        pre = preprocess_batch(dict(batch), image_size=self.image_size, on_bad=self.on_bad)
+        kept = np.asarray(pre["id"], np.int64)
+        skipped = np.setdiff1d(ids, kept)
+        out = {"id": np.concatenate([kept, skipped]), "skipped": np.arange(ids.size) >= kept.size,
+               "pred": np.full(ids.size, -1, np.int64)}
+        for name in ("a", "e") if self.residuals else ("a",):
+            out[name] = np.zeros((ids.size, self.widths[name]), np.float32)  # skipped rows stay 0
+        if kept.size:
+            a, e = embedding_parts(self.model, torch.from_numpy(pre["x"]).to(self.device))
+            out["pred"][: kept.size] = e.argmin(dim=1).cpu().numpy()  # e = p - onehot(argmax): most negative there
+            out["a"][: kept.size] = a.cpu().numpy()
+            if self.residuals:
+                out["e"][: kept.size] = e.cpu().numpy()
+        return out
+
+
+def embed_pool(
+    pool: Any,
+    ids: np.ndarray,
+    *,
+    model_cfg: ModelConfig | Mapping[str, Any],
+    state_dict: Mapping[str, torch.Tensor],
+    scoring_cfg: ScoringConfig,
+    residuals: bool = False,
+    image_size: tuple[int, int] | None = None,
+    on_bad: str = "fail",
+    progress: bool = False,
+) -> PoolEmbedding:
+    """Embed the pool samples ``ids`` (unique; each must be in the pool) on an actor pool."""
+    model_cfg = model_config(model_cfg)
+    info = pool if isinstance(pool, PoolInfo) else inspect_pool(pool)
+    ids = np.asarray(ids, np.int64)
+    if ids.ndim != 1 or ids.size == 0 or np.unique(ids).size != ids.size:
+        raise ValueError(f"ids must be a non-empty 1-D array of unique sample ids; got shape {ids.shape}")
+    start = time.perf_counter()
+    state_ref = ray.put({n: t.detach().cpu() for n, t in check_weights(model_cfg, state_dict, "state_dict").items()})
+    ds = read_pool(info, columns=("id", "image"), ids=ids, preserve_order=False).map_batches(
+        PoolEmbedder,
+        compute=ray.data.ActorPoolStrategy(size=scoring_cfg.num_scorers),
+        num_cpus=scoring_cfg.cpus_per_scorer,
+        num_gpus=scorer_gpus(scoring_cfg),
+        batch_size=scoring_cfg.batch_size,
+        batch_format="numpy",
+        fn_constructor_kwargs=dict(model_cfg=model_cfg, state_ref=state_ref, residuals=residuals,
+                                   image_size=image_size, on_bad=on_bad),
+    )
+    ds.context.enable_progress_bars = progress
+    parts: dict[str, list[np.ndarray]] = {"id": [], "pred": [], "a": [], "e": [], "skipped": []}
+    with original_errors("a ray_dal.pool_embedding.PoolEmbedder actor"):
+        for out in carried(ds).iter_batches(batch_size=None, batch_format="numpy"):
+            bad = out["skipped"]
+            parts["skipped"].append(out["id"][bad])
+            for name in ("id", "pred", "a", "e") if residuals else ("id", "pred", "a"):
+                parts[name].append(out[name][~bad])
+    got = np.concatenate(parts["id"])
+    order = np.argsort(got)
+    skipped = np.sort(np.concatenate(parts["skipped"]))
+    if got.size + skipped.size != ids.size:
+        raise RuntimeError(f"embedded {got.size} and skipped {skipped.size} of {ids.size} samples")
+    if got.size == 0:
+        raise ConfigError(f"none of the {ids.size} images to embed could be decoded; see data.on_bad_image")
+    return PoolEmbedding(
+        ids=got[order], pred=np.concatenate(parts["pred"])[order],
+        features=np.concatenate(parts["a"])[order],
+        residuals=np.concatenate(parts["e"])[order] if residuals else None,
+        skipped_ids=skipped, seconds=time.perf_counter() - start,
+    )
