@@ -1,0 +1,42 @@
+"""Run (or resume) a study: variants x seeds of one experiment, then its learning curves and table.
+
+    python jobs/study.py configs/study_cifar10.yaml --data-dir ../shared/data/cifar10
+    python jobs/study.py configs/study_cifar10.yaml --report-only      # summarise what has finished
+
+Writes study.json / study.md / study.png into --report (default: the study's out folder).
+"""
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+from ray_dal.errors import exit_on_user_error
+from ray_dal.study import load_study, run_study, summarize, write_report
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study", type=Path, help="study YAML (see ray_dal/study.py)")
+    parser.add_argument("--data-dir", help="override data.data_dir of every run")
+    parser.add_argument("--out", help="override the study's out folder")
+    parser.add_argument("--variants", nargs="+", help="run only these variants")
+    parser.add_argument("--report", type=Path, help="folder for study.json/.md/.png (default: the out folder)")
+    parser.add_argument("--report-only", action="store_true", help="only summarise the runs that finished")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    study, base = load_study(args.study, {"data.data_dir": args.data_dir} if args.data_dir else None)
+    if args.out:
+        study.out = args.out
+    if not args.report_only:
+        run_study(study, base, args.variants)
+    command = "python jobs/study.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    report = args.report or Path(study.out)
+    write_report(study, summarize(study, base), report, command.replace(" --report-only", ""))
+    print(f"study report in {report}")
+
+
+if __name__ == "__main__":
+    with exit_on_user_error("study.py"):
+        main()

@@ -1,0 +1,202 @@
+"""A study: the same experiment under several variants (strategies, gamma values) and seeds, summarised.
+
+A study file (YAML, read with ``yaml.safe_load``) names a base experiment config, overrides for every
+run, the variants and the seeds::
+
+    config: cifar10.yaml                 # relative to the study file
+    settings: {loop.budget: 100, ...}    # "section.key": value, for every run
+    variants:                            # name -> overrides of this variant
+      dynamic: {scoring.strategy: dynamic}
+      gamma_0: {scoring.strategy: dynamic, scoring.gamma: 0}
+    seeds: [0, 1, 2]
+    out: runs/study_cifar10              # run i of variant v lands in OUT/v/seed_i
+    panels: {strategies: [dynamic, ...]} # optional: which variants share a plot panel
+    reference: {dynamic: 0.3684}         # optional: a published final accuracy to print beside ours
+
+`run_study` runs every (seed, variant) in turn, seeds outermost (a study cut short has whole seeds),
+each through `ray_dal.loop.run_experiment`, so re-running resumes it: finished runs are not redone.
+`summarize` reads the runs' metrics into learning curves (test accuracy vs labels, mean and std over
+the seeds), final accuracies and the area under the learning curve (AULC: the trapezoid area of
+accuracy over the label range divided by its width, i.e. the mean accuracy across the budget).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import yaml
+
+from .config import ConfigError, ExperimentConfig, _known_keys, load_config
+
+log = logging.getLogger("ray_dal")
+
+
+@dataclass
+class StudyConfig:
+    config: str
+    variants: dict[str, dict[str, Any]]
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    settings: dict[str, Any] = field(default_factory=dict)
+    out: str = "runs/study"
+    panels: dict[str, list[str]] = field(default_factory=dict)
+    reference: dict[str, float] = field(default_factory=dict)
+
+
+def load_study(path: str | Path, overrides: Mapping[str, Any] | None = None) -> tuple[StudyConfig, Path]:
+    """The study at ``path`` (with ``overrides`` of its settings) and its base config's resolved path."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study file {str(path)!r} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"study file {str(path)!r} is not plain YAML data: {error}") from None
+    _known_keys(values, {f.name for f in dataclasses.fields(StudyConfig)}, f"study file {path}")
+    for key in ("config", "variants"):
+        if key not in values:
+            raise ConfigError(f"study file {path} needs '{key}'")
+    study = StudyConfig(**values)
+    study.settings = {**study.settings, **(overrides or {})}
+    if not study.variants or not study.seeds:
+        raise ConfigError(f"study file {path} needs at least one variant and one seed")
+    unknown = sorted({v for names in study.panels.values() for v in names} - set(study.variants))
+    if unknown:
+        raise ConfigError(f"study file {path}: panels name variants {unknown} that are not in 'variants'")
+    base = (path.parent / study.config).resolve()
+    for name in study.variants:  # every run's config is checked before the first one starts
+        run_config(study, base, name, study.seeds[0])
+    return study, base
+
+
+def run_config(study: StudyConfig, base: Path, variant: str, seed: int) -> ExperimentConfig:
+    out = Path(study.out) / variant / f"seed_{seed}"
+    overrides = {**study.settings, **study.variants[variant], "loop.seed": seed, "loop.out": str(out)}
+    try:
+        return load_config(base, overrides)
+    except ConfigError as error:
+        raise ConfigError(f"study variant {variant!r}: {error}") from None
+
+
+def run_study(study: StudyConfig, base: Path, variants: list[str] | None = None) -> None:
+    """Run (or resume) every seed x variant of ``study`` (only ``variants`` if given), seeds outermost."""
+    from .loop import run_experiment  # Ray is imported only when runs are made
+
+    names = variants or list(study.variants)
+    missing = sorted(set(names) - set(study.variants))
+    if missing:
+        raise ConfigError(f"variants {missing} are not in the study; it has {list(study.variants)}")
+    for seed in study.seeds:
+        for name in names:
+            log.info("study: %s, seed %d", name, seed)
+            run_experiment(run_config(study, base, name, seed))
+
+
+# ------------------------------------------------------------------------------------------ summary
+
+
+def aulc(n_labeled: np.ndarray, accuracy: np.ndarray) -> float:
+    """Area under the learning curve over its label range, divided by the range: the mean accuracy."""
+    n, acc = np.asarray(n_labeled, np.float64), np.asarray(accuracy, np.float64)
+    if n.size < 2:
+        return float(acc[0])
+    return float(np.sum((acc[1:] + acc[:-1]) / 2 * np.diff(n)) / (n[-1] - n[0]))
+
+
+def summarize(study: StudyConfig, base: Path) -> dict[str, Any]:
+    """Learning curves and scores per variant, over the seeds whose run has every round (others are listed)."""
+    out: dict[str, Any] = {}
+    for name in study.variants:
+        curves, seeds, incomplete, hours = [], [], [], 0.0
+        for seed in study.seeds:
+            cfg = run_config(study, base, name, seed)
+            path = Path(cfg.loop.out) / "metrics.jsonl"
+            rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+            if len(rows) != cfg.loop.rounds + 1:
+                incomplete.append(seed)
+                continue
+            curves.append(([m["n_labeled"] for m in rows], [m["test_accuracy"] for m in rows]))
+            seeds.append(seed)
+            hours += sum(m["round_seconds"] for m in rows) / 3600
+        entry: dict[str, Any] = {"seeds": seeds, "incomplete_seeds": incomplete, "overrides": study.variants[name],
+                                 "compute_hours": hours}
+        if curves:
+            n_labeled = curves[0][0]
+            if any(c[0] != n_labeled for c in curves):
+                raise ValueError(f"variant {name!r}: seeds disagree on the label counts per round")
+            acc = np.array([c[1] for c in curves])
+            scores = np.array([aulc(np.array(n_labeled), a) for a in acc])
+            entry.update(n_labeled=n_labeled, accuracy=acc.tolist(), accuracy_mean=acc.mean(0).tolist(),
+                         accuracy_std=acc.std(0).tolist(), final_mean=float(acc[:, -1].mean()),
+                         final_std=float(acc[:, -1].std()), aulc_mean=float(scores.mean()),
+                         aulc_std=float(scores.std()))
+        out[name] = entry
+    return out
+
+
+def write_report(study: StudyConfig, summary: dict[str, Any], folder: Path, command: str) -> None:
+    """``study.json``, ``study.md`` (table) and ``study.png`` (learning curves) into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "study.json").write_text(json.dumps({"study": dataclasses.asdict(study), "command": command,
+                                                   "variants": summary}, indent=1) + "\n")
+    (folder / "study.md").write_text(_markdown(study, summary, command))
+    _plot(study, summary, folder / "study.png")
+
+
+def _pm(mean: float, std: float) -> str:
+    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def _markdown(study: StudyConfig, summary: dict[str, Any], command: str) -> str:
+    lines = ["# Study (generated by ray_dal.study)", "", f"Reproduce: `{command}`", "",
+             f"Settings for every run: `{json.dumps(study.settings)}`; seeds {study.seeds}. Test accuracy in %, "
+             "mean ± std over the seeds whose run finished (std is the population std).", "",
+             "| variant | overrides | seeds | labels at the end | final accuracy | AULC | reference | compute h |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, e in sorted(summary.items(), key=lambda kv: -kv[1].get("aulc_mean", -1)):
+        ref = study.reference.get(name)
+        if "n_labeled" not in e:
+            lines.append(f"| {name} | `{json.dumps(e['overrides'])}` | 0 (unfinished: {e['incomplete_seeds']}) "
+                         "| - | - | - | - | - |")
+            continue
+        lines.append(f"| {name} | `{json.dumps(e['overrides'])}` | {len(e['seeds'])} | {e['n_labeled'][-1]} | "
+                     f"{_pm(e['final_mean'], e['final_std'])} | {_pm(e['aulc_mean'], e['aulc_std'])} | "
+                     f"{'-' if ref is None else f'{100 * ref:.2f}'} | {e['compute_hours']:.2f} |")
+    lines += ["", "Learning curves (test accuracy % by labels, mean over seeds):", ""]
+    done = {k: e for k, e in summary.items() if "n_labeled" in e}
+    if done:
+        n_labeled = next(iter(done.values()))["n_labeled"]
+        lines += ["| variant | " + " | ".join(str(n) for n in n_labeled) + " |",
+                  "|---|" + "---|" * len(n_labeled)]
+        for name, e in done.items():
+            lines.append(f"| {name} | " + " | ".join(f"{100 * a:.2f}" for a in e["accuracy_mean"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(study: StudyConfig, summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = study.panels or {"all variants": list(study.variants)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    for ax, (title, names) in zip(axes[0], panels.items()):
+        for name in names:
+            e = summary[name]
+            if "n_labeled" not in e:
+                continue
+            n, mean, std = (np.array(e[k]) for k in ("n_labeled", "accuracy_mean", "accuracy_std"))
+            ax.plot(n, 100 * mean, marker="o", markersize=3, label=f"{name} (n={len(e['seeds'])})")
+            ax.fill_between(n, 100 * (mean - std), 100 * (mean + std), alpha=0.15)
+        ax.set(title=title, xlabel="labeled samples", ylabel="test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
