@@ -48,6 +48,7 @@ class TrainConfig:
     num_workers: int = 2  # Ray Train workers (data parallel)
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     cpus_per_worker: float = 0.5  # leaves headroom for Ray Data's read tasks on small machines
+    checkpoint_every_s: float = 30.0  # report + checkpoint at most this often (and at a round's end); 0: every epoch
 
 
 @dataclass
@@ -163,6 +164,7 @@ def validate(cfg: ExperimentConfig) -> None:
          "must be in (0, 1] or null")
     need(t.lr > 0, "train.lr", t.lr, "must be > 0")
     need(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
+    need(t.checkpoint_every_s >= 0, "train.checkpoint_every_s", t.checkpoint_every_s, "must be >= 0")
     need(t.num_workers >= 0, "train.num_workers", t.num_workers, "must be >= 0 (0 trains in the driver)")
     need(lp.initial >= 1, "loop.initial", lp.initial, "must be >= 1")
     need(lp.budget >= 1, "loop.budget", lp.budget, "must be >= 1")

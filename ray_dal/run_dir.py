@@ -41,7 +41,7 @@ _ROUND = re.compile(r"^round_(\d{3,})$")
 # completed under "fail" met no bad image, so "skip" would have computed the same round.
 _NOT_IDENTITY = {"runtime": None, "data": {"data_dir", "on_bad_image"}, "loop": {"out"},
                  "scoring": {"num_scorers", "cpus_per_scorer", "gpus_per_scorer", "batch_size"},
-                 "train": {"cpus_per_worker", "use_gpu"}}
+                 "train": {"cpus_per_worker", "use_gpu", "checkpoint_every_s"}}
 
 
 @dataclass

@@ -19,7 +19,8 @@ one process would make on the union of the workers' batches. ``train_cfg.batch_s
 batch size.
 
 Checkpoints. Rank 0 reports a checkpoint (``model.pt``: epoch, model, optimizer, training accuracy,
-done flag) after every epoch under ``<storage_dir>/<name>/epoch_NNNN`` (the latest two are kept).
+done flag) after the first epoch that ends ``train.checkpoint_every_s`` after the previous one (0: every
+epoch) and after the last epoch, under ``<storage_dir>/<name>/epoch_NNNN`` (the latest two are kept).
 A worker that dies restarts from the latest one (``max_failures``). Calling `fit_round` again with
 the same ``storage_dir``/``name`` resumes that run (Ray Train restores it); ``round.json`` there holds
 a fingerprint of the round's inputs, and a different round under the same name is refused.
@@ -285,17 +286,22 @@ def _train_loop(config: dict) -> dict | None:
 
         total = sum(len(s) for s in shards)
         steps, step_counts = step_plan([len(s) for s in shards], train_cfg.batch_size)
-        start = time.perf_counter()
+        start = last_report = time.perf_counter()
         while not done:
             order = np.random.default_rng([config["seed"], epoch, rank]).permutation(len(y))
             correct, seen = _train_epoch(ddp, optimizer, x, y, np.array_split(order, steps), step_counts, world, device)
-            correct, seen = _all_reduce_sum(torch.tensor([correct, seen], dtype=torch.int64)).tolist()
+            # rank 0's clock decides when to checkpoint: every rank must call report() the same number of times
+            due = int(rank == 0 and time.perf_counter() - last_report >= train_cfg.checkpoint_every_s)
+            counts = torch.tensor([correct, seen, due], dtype=torch.int64, device=device)  # NCCL: on the device
+            correct, seen, due = _all_reduce_sum(counts).tolist()
             if seen != total:
                 raise RuntimeError(f"epoch {epoch + 1} trained on {seen} samples, expected {total}")
             epoch, accuracy = epoch + 1, correct / seen
             target = train_cfg.train_accuracy
             done = epoch >= train_cfg.max_epochs or (target is not None and accuracy >= target)
-            _report(epoch, accuracy, done, module, optimizer, rank, config["checkpoint"])
+            if done or due:  # a report costs ~0.1-1 s (a barrier, a checkpoint written): not every short epoch
+                _report(epoch, accuracy, done, module, optimizer, rank, config["checkpoint"])
+                last_report = time.perf_counter()
         train_seconds = time.perf_counter() - start
 
         _broadcast_buffers(module)  # DDP leaves each rank with its own BN running stats after the last step

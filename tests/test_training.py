@@ -122,7 +122,7 @@ def kill_a_train_worker_after(run_dir: Path, epoch: int, timeout_s: float = 300)
 def fit2(ray_local, train_path, storage):
     """2 workers, 8 epochs on 201 samples (shards of 100 and 101); a worker is killed after epoch 2's checkpoint."""
     ids = seeded_ids(50_000, 201, seed=1)
-    cfg = TrainConfig(max_epochs=8, train_accuracy=None, batch_size=64, num_workers=2)
+    cfg = TrainConfig(max_epochs=8, train_accuracy=None, batch_size=64, num_workers=2, checkpoint_every_s=0)
     labeled = prepare_labeled(str(train_path), ids)
     killer = kill_a_train_worker_after(storage / "r0", epoch=2)
     try:
