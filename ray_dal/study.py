@@ -33,6 +33,7 @@ import numpy as np
 import yaml
 
 from .config import ConfigError, ExperimentConfig, _known_keys, load_config
+from .run_dir import RunDir
 
 log = logging.getLogger("ray_dal")
 
@@ -115,8 +116,7 @@ def summarize(study: StudyConfig, base: Path) -> dict[str, Any]:
         curves, seeds, incomplete, hours = [], [], [], 0.0
         for seed in study.seeds:
             cfg = run_config(study, base, name, seed)
-            path = Path(cfg.loop.out) / "metrics.jsonl"
-            rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+            rows = RunDir(cfg.loop.out).metrics()  # the round folders, not metrics.jsonl (derived data)
             if len(rows) != cfg.loop.rounds + 1:
                 incomplete.append(seed)
                 continue
