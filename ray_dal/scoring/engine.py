@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 from .last_layer import last_layer_scores
 from .layers import LAYER_ERRORS, METHODS, handler_for
 from .modes import eval_mode
-from .params import check_grad_sum, scoped_parameters
+from .params import check_grad_sum, final_linear, scoped_parameters
 from .reference import combine, per_sample_norm_and_dot
 
 
@@ -62,13 +62,14 @@ def dynamic_scores(
         raise ValueError(f"gamma must be >= 0 (or float('inf') for <g, G> alone), got {gamma}")
     if layer_method not in METHODS:
         raise ValueError(f"layer_method must be one of {METHODS}, got {layer_method!r}")
-    params = scoped_parameters(model, scope)
+    last = final_linear(model) if scope == "last" else None
+    params = scoped_parameters(model, scope, last)
     if gamma != 0:
         check_grad_sum(params, grad_sum)
     G = grad_sum if gamma != 0 else None
     with eval_mode(model):
         if scope == "last":
-            sq, dot = last_layer_scores(model, inputs, G)
+            sq, dot = last_layer_scores(model, inputs, G, last)
         else:
             sq, dot, _ = _all_parameter_terms(model, inputs, params, G, layer_method)
     return combine(sq, dot, gamma).detach()

@@ -17,10 +17,16 @@ from .params import final_linear
 
 
 def last_layer_scores(
-    model: nn.Module, inputs: torch.Tensor, grad_sum: Mapping[str, torch.Tensor] | None
+    model: nn.Module,
+    inputs: torch.Tensor,
+    grad_sum: Mapping[str, torch.Tensor] | None,
+    last: tuple[str, nn.Linear] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(||g||^2 [B], <g, G> [B] or None)`` over the final linear layer's trainable parameters."""
-    prefix, layer = final_linear(model)
+    """``(||g||^2 [B], <g, G> [B] or None)`` over the final linear layer's trainable parameters.
+
+    ``last``: ``final_linear(model)`` when the caller has it already.
+    """
+    prefix, layer = last or final_linear(model)
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     handle = layer.register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
     try:
@@ -42,9 +48,9 @@ def last_layer_scores(
     sq = e_sq * (a.pow(2).sum(1) * has_w + has_b)
     if grad_sum is None:
         return sq, None
-    projected = torch.zeros_like(z)
+    bias = grad_sum[f"{prefix}.bias"].to(dtype) if has_b else None
     if has_w:
-        projected += F.linear(a, grad_sum[f"{prefix}.weight"].to(dtype))
-    if has_b:
-        projected += grad_sum[f"{prefix}.bias"].to(dtype)
+        projected = F.linear(a, grad_sum[f"{prefix}.weight"].to(dtype), bias)  # G_W a + G_b in one op
+    else:
+        projected = bias.expand_as(z)
     return sq, (e * projected).sum(1)

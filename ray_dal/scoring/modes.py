@@ -11,10 +11,11 @@ from torch import nn
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put every submodule in eval mode; restore each one's own ``training`` flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
+    training = [m for m in model.modules() if m.training]  # a model already in eval mode: nothing to set
+    for m in training:
+        m.training = False
     try:
         yield model
     finally:
-        for m, flag in flags:
-            m.training = flag
+        for m in training:
+            m.training = True

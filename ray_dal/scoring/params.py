@@ -21,12 +21,16 @@ def final_linear(model: nn.Module) -> tuple[str, nn.Linear]:
     return found[-1]
 
 
-def scoped_parameters(model: nn.Module, scope: str) -> dict[str, nn.Parameter]:
-    """Trainable parameters in ``scope``, keyed like ``model.named_parameters()``."""
+def scoped_parameters(model: nn.Module, scope: str, last: tuple[str, nn.Linear] | None = None
+                      ) -> dict[str, nn.Parameter]:
+    """Trainable parameters in ``scope``, keyed like ``model.named_parameters()``.
+
+    ``last``: ``final_linear(model)`` when the caller has it already (scope "last").
+    """
     if scope == "all":
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     elif scope == "last":
-        prefix, layer = final_linear(model)
+        prefix, layer = last or final_linear(model)
         params = {f"{prefix}.{n}": p for n, p in layer.named_parameters() if p.requires_grad}
     else:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
