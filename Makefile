@@ -12,10 +12,10 @@ ARGS ?=
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e ".[test]"
+	$(VENV)/bin/pip install --quiet -e ".[test,bench]"
 	touch $@
 
-.PHONY: install run test bench-install
+.PHONY: install run test
 install: $(VENV)/.installed
 
 run: install
@@ -23,6 +23,3 @@ run: install
 
 test: install
 	$(VENV)/bin/python -m pytest -q $(ARGS)
-
-bench-install: install
-	$(VENV)/bin/pip install --quiet -e ".[test,bench]"

@@ -31,7 +31,7 @@ from .config import (
     ScoringConfig,
     validate,
 )
-from .data import PoolInfo, inspect_pool, read_ids, write_synthetic_pool
+from .data import DATASETS, ImageTransform, PoolInfo, inspect_pool, read_ids, write_synthetic_pool
 from .errors import exit_on_user_error
 from .grad_sum import pool_grad_sum
 from .models import available_models
@@ -40,14 +40,14 @@ from .runtime import init_ray
 
 
 def _select(args: argparse.Namespace) -> None:
-    model_cfg, scoring, pool, state, ids, labels, image_size = _check_select(args)
+    model_cfg, scoring, pool, state, ids, labels, transform = _check_select(args)
     init_ray(no_progress_timeout_s=args.no_progress_timeout)
     grad_sum = None
     if args.strategy == "dynamic" and args.gamma != 0:
         grad_sum = pool_grad_sum(pool, ids, labels, model_cfg=model_cfg, state_dict=state, scope=args.scope,
-                                 num_actors=args.num_scorers, image_size=image_size)
+                                 num_actors=args.num_scorers, transform=transform)
     query = score_pool(pool, model_cfg=model_cfg, state_dict=state, grad_sum=grad_sum, scoring_cfg=scoring,
-                       budget=args.budget, exclude_ids=ids, seed=args.seed, image_size=image_size,
+                       budget=args.budget, exclude_ids=ids, seed=args.seed, transform=transform,
                        on_bad=args.on_bad_image)
     table = pa.table({"id": query.ids, "score": query.scores, "rank": np.arange(len(query.ids), dtype=np.int64)})
     out = Path(args.out)
@@ -84,7 +84,11 @@ def _check_select(args: argparse.Namespace):
                           f"{in_pool} of them labeled, so the budget must be in [1, {unlabeled}]")
     if args.strategy == "dynamic" and args.gamma != 0 and ids.size == 0:
         raise ConfigError("dynamic AL needs --labeled (id, label) to sum G over; or pass --gamma 0")
-    return model_cfg, scoring, pool, state, ids, labels, tuple(args.image_size) if args.image_size else None
+    if args.dataset:
+        transform = DATASETS[args.dataset].transform(args.image_size)
+    else:
+        transform = ImageTransform(tuple(args.image_size) if args.image_size else None)
+    return model_cfg, scoring, pool, state, ids, labels, transform
 
 
 def _read_labeled(path: Path | None, pool: PoolInfo, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -139,7 +143,10 @@ def main(argv: list[str] | None = None) -> None:
     select.add_argument("--scope", default=ScoringConfig.scope, choices=("all", "last"))
     select.add_argument("--num-scorers", type=int, default=ScoringConfig.num_scorers)
     select.add_argument("--batch-size", type=int, default=ScoringConfig.batch_size)
-    select.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="expected image size")
+    select.add_argument("--dataset", choices=sorted(DATASETS), help="preprocess as this dataset (its image size "
+                        "and statistics); default: CIFAR-10's statistics, images of any one size")
+    select.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
+                        help="expected image size; with --dataset, resize every image to it")
     select.add_argument("--on-bad-image", default="fail", choices=("fail", "skip"))
     select.add_argument("--seed", type=int, default=0, help="seed of the random strategy")
     select.add_argument("--no-progress-timeout", type=float, default=600.0, help="seconds before a stuck stage fails")

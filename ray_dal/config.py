@@ -25,8 +25,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    dataset: str = "cifar10"
-    data_dir: str = "~/.cache/ray_dal/cifar10"  # Parquet pool, torchvision layout, or download target
+    dataset: str = "cifar10"  # cifar10 | svhn | caltech101 (ray_dal/data/datasets.py)
+    data_dir: str = "~/.cache/ray_dal/cifar10"  # Parquet pool, torchvision layout, ImageFolder, or download target
+    image_size: int | list[int] | None = None  # H = W, or [H, W]: resize every image to it (None: the dataset's)
     pool_size: int | None = None  # seeded subsample of the training pool (None: all of it)
     test_size: int | None = None  # seeded subsample of the test set (None: all of it)
     on_bad_image: str = "fail"  # "fail" (list the bad ids) or "skip" (score without them, report ids)
@@ -171,6 +172,10 @@ def validate(cfg: ExperimentConfig) -> None:
     need(lp.rounds >= 0, "loop.rounds", lp.rounds, "must be >= 0")
     need(cfg.data.on_bad_image in ("fail", "skip"), "data.on_bad_image", cfg.data.on_bad_image,
          "choose 'fail' or 'skip'")
+    size = cfg.data.image_size
+    sides = [size] if isinstance(size, int) else size if isinstance(size, (list, tuple)) and len(size) == 2 else [0]
+    need(size is None or all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sides),
+         "data.image_size", size, "give one int >= 1 (square), [height, width], or null (the dataset's size)")
     need(cfg.model.num_classes >= 2, "model.num_classes", cfg.model.num_classes, "must be >= 2")
     need(cfg.runtime.no_progress_timeout_s > 0, "runtime.no_progress_timeout_s",
          cfg.runtime.no_progress_timeout_s, "must be > 0")

@@ -15,7 +15,7 @@ import torch
 
 from .actors import actor_device, load_model, use_cpu_share
 from .config import ModelConfig
-from .data import PoolInfo, preprocess_batch, read_pool
+from .data import DEFAULT_TRANSFORM, ImageTransform, PoolInfo, preprocess_batch, read_pool
 from .errors import carried, carry, original_errors
 from .runtime import cluster_has_gpus
 from .scoring import labeled_gradient, scoped_parameters
@@ -23,15 +23,15 @@ from .scoring import labeled_gradient, scoped_parameters
 
 class _PartialGradSum:
     def __init__(self, model_cfg: ModelConfig, state_ref: Any, ids: np.ndarray, labels: np.ndarray, scope: str,
-                 image_size):
+                 transform):
         use_cpu_share()
         self.device = actor_device()
         self.model = load_model(model_cfg, state_ref, self.device)
-        self.ids, self.labels, self.scope, self.image_size = ids, labels, scope, image_size
+        self.ids, self.labels, self.scope, self.transform = ids, labels, scope, transform
 
     @carry
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pre = preprocess_batch(dict(batch), image_size=self.image_size, on_bad="fail")
+        pre = preprocess_batch(dict(batch), transform=self.transform, on_bad="fail")
         y = torch.from_numpy(self.labels[np.searchsorted(self.ids, pre["id"])])
         g = labeled_gradient(self.model, (torch.from_numpy(pre["x"]).to(self.device), y.to(self.device)), self.scope)
         flat = torch.cat([t.reshape(-1) for t in g.values()]).to("cpu", torch.float64).numpy()
@@ -49,7 +49,7 @@ def pool_grad_sum(
     num_actors: int = 1,
     cpus_per_actor: float = 0.5,
     batch_size: int = 512,
-    image_size: tuple[int, int] | None = None,
+    transform: ImageTransform = DEFAULT_TRANSFORM,
 ) -> dict[str, torch.Tensor]:
     """G = sum over the pool rows ``ids`` (with ``labels``) of grad CE, keyed like named_parameters (float32)."""
     ids, labels = np.asarray(ids, np.int64), np.asarray(labels, np.int64)
@@ -64,7 +64,7 @@ def pool_grad_sum(
         batch_size=batch_size,
         batch_format="numpy",
         fn_constructor_kwargs=dict(model_cfg=model_cfg, state_ref=ray.put(dict(state_dict)), ids=ids, labels=labels,
-                                   scope=scope, image_size=image_size),
+                                   scope=scope, transform=transform),
     )
     total, count = np.zeros(sum(int(np.prod(s)) for s in shapes.values())), 0
     with original_errors("a ray_dal.grad_sum actor (G over the labeled samples)"):

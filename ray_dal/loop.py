@@ -17,7 +17,7 @@ import torch
 
 from .actors import check_weights
 from .config import ConfigError, ExperimentConfig
-from .data import PoolInfo, inspect_pool, read_labels, read_pool, resolve_cifar10
+from .data import DATASETS, ImageTransform, PoolInfo, inspect_pool, read_labels, read_pool
 from .models import available_models, build_model
 from .query import Labeled, select_query
 from .run_dir import RunDir
@@ -25,8 +25,6 @@ from .runtime import init_ray
 from .training import count_correct, dataset_ids, fit_round, prepare_labeled
 
 log = logging.getLogger("ray_dal")
-
-IMAGE_SIZES = {"cifar10": (32, 32)}
 
 
 @dataclass
@@ -39,7 +37,7 @@ class Experiment:
     pool_labels: np.ndarray  # the oracle: pool_labels[i] is the label of pool_ids[i]
     outside_pool: np.ndarray  # ids of the training file left out by data.pool_size: never scored
     test_ids: np.ndarray
-    image_size: tuple[int, int] | None
+    transform: ImageTransform  # the dataset's preprocessing (data.image_size applied)
 
 
 def load_experiment(cfg: ExperimentConfig) -> Experiment:
@@ -48,12 +46,13 @@ def load_experiment(cfg: ExperimentConfig) -> Experiment:
     Reads footers and the id/label columns only (no image, no Ray). Raises `ConfigError` or
     ``PoolError`` naming the value and the fix.
     """
-    if cfg.data.dataset not in IMAGE_SIZES:
-        raise ConfigError(f"data.dataset = {cfg.data.dataset!r} is not supported; choose one of {sorted(IMAGE_SIZES)}")
+    if cfg.data.dataset not in DATASETS:
+        raise ConfigError(f"data.dataset = {cfg.data.dataset!r} is not supported; choose one of {sorted(DATASETS)}")
+    dataset = DATASETS[cfg.data.dataset]
     if cfg.model.name not in available_models():
         raise ConfigError(f"model.name = {cfg.model.name!r} is not a registered model; choose one of "
                           f"{available_models()} or register yours with ray_dal.models.register_model")
-    train_path, test_path = resolve_cifar10(cfg.data.data_dir)
+    train_path, test_path = dataset.resolve(cfg.data.data_dir)
     train, test = inspect_pool(train_path), inspect_pool(test_path)
     rng = np.random.default_rng(cfg.loop.seed)
     ids, labels = read_labels(train)
@@ -75,7 +74,7 @@ def load_experiment(cfg: ExperimentConfig) -> Experiment:
     order = np.argsort(ids)
     pool_labels = labels[order][np.searchsorted(ids[order], pool_ids)]
     return Experiment(train, test, pool_ids, pool_labels, np.setdiff1d(ids, pool_ids), test_ids,
-                      IMAGE_SIZES[cfg.data.dataset])
+                      dataset.transform(cfg.data.image_size))
 
 
 def _subsample(ids: np.ndarray, size: int | None, rng: np.random.Generator, key: str) -> np.ndarray:
@@ -123,7 +122,7 @@ def _run_round(cfg: ExperimentConfig, exp: Experiment, run: RunDir, r: int, labe
     labels = exp.pool_labels[np.searchsorted(exp.pool_ids, labeled)]
     seed = cfg.loop.seed * 10_000 + r
     on_bad = cfg.data.on_bad_image
-    train_set = prepare_labeled(exp.train, labeled, exp.image_size, on_bad=on_bad)
+    train_set = prepare_labeled(exp.train, labeled, exp.transform, on_bad=on_bad)
     skipped = np.setdiff1d(labeled, dataset_ids(train_set)) if on_bad == "skip" else np.empty(0, np.int64)
     fit = fit_round(
         cfg.model, cfg.train, train_set, state,
@@ -134,7 +133,7 @@ def _run_round(cfg: ExperimentConfig, exp: Experiment, run: RunDir, r: int, labe
     start = time.perf_counter()
     correct, tested, skipped_test = count_correct(
         cfg.model, fit.state_dict, read_pool(exp.test, ids=exp.test_ids), num_actors=cfg.scoring.num_scorers,
-        cpus_per_actor=cfg.scoring.cpus_per_scorer, image_size=exp.image_size, on_bad=on_bad)
+        cpus_per_actor=cfg.scoring.cpus_per_scorer, transform=exp.transform, on_bad=on_bad)
     if tested == 0:
         raise ConfigError(f"no test image of {exp.test.source} could be decoded; see data.on_bad_image")
     eval_seconds = time.perf_counter() - start
@@ -145,7 +144,7 @@ def _run_round(cfg: ExperimentConfig, exp: Experiment, run: RunDir, r: int, labe
         query = select_query(
             exp.train, Labeled(labeled, labels, history), model_cfg=cfg.model, state_dict=fit.state_dict,
             grad_sum=fit.grad_sum, scoring_cfg=cfg.scoring, budget=cfg.loop.budget,
-            exclude_ids=np.union1d(labeled, exp.outside_pool), seed=seed, image_size=exp.image_size, on_bad=on_bad,
+            exclude_ids=np.union1d(labeled, exp.outside_pool), seed=seed, transform=exp.transform, on_bad=on_bad,
         )
         skipped = np.union1d(skipped, query.skipped_ids)
     metrics = {

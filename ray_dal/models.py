@@ -6,6 +6,8 @@
   about 62k parameters for 32x32 inputs, no BatchNorm.
 - ``"resnet18"``: CIFAR ResNet18 (3x3 stem, no max-pool, 64-512 channels), 11.2M parameters.
 - ``"vgg11"``: VGG11 with BatchNorm and a single 512-K classifier, as in BADGE's code.
+- ``"resnet18_imagenet"``: torchvision's ImageNet ResNet18 (7x7 stride-2 stem, max-pool), untrained
+  (``weights=None``): the paper's Caltech101 model at 299x299, trained from scratch.
 
 Every model maps ``[B, in_channels, H, W]`` float inputs to ``[B, num_classes]`` logits and ends in an
 ``nn.Linear`` (what ``scope="last"`` scoring uses). Any other ``torch.nn.Module`` works with the
@@ -133,3 +135,13 @@ class VGG11(nn.Module):
 register_model("cnn")(LeNet)
 register_model("resnet18")(ResNet18)
 register_model("vgg11")(VGG11)
+
+
+@register_model("resnet18_imagenet")
+def resnet18_imagenet(num_classes: int, in_channels: int = 3) -> nn.Module:
+    from torchvision.models import resnet18  # imported here: torchvision is slow to import and only this needs it
+
+    model = resnet18(weights=None, num_classes=num_classes)
+    if in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return model

@@ -26,7 +26,7 @@ from .actors import (
     use_cpu_share,
 )
 from .config import ConfigError, ModelConfig, ScoringConfig
-from .data import PoolInfo, inspect_pool, preprocess_batch, read_pool
+from .data import DEFAULT_TRANSFORM, ImageTransform, PoolInfo, inspect_pool, preprocess_batch, read_pool
 from .errors import carried, carry, original_errors
 from .scoring import final_linear
 from .selection import embedding_parts
@@ -60,18 +60,18 @@ class PoolEmbedder:
     """Callable class for ``map_batches``: one model per actor; a batch of (id, image) in, embeddings out."""
 
     def __init__(self, model_cfg: ModelConfig | Mapping[str, Any], state_ref: Any, residuals: bool,
-                 image_size: tuple[int, int] | None = None, on_bad: str = "fail"):
+                 transform: ImageTransform = DEFAULT_TRANSFORM, on_bad: str = "fail"):
         self.device = actor_device()
         use_cpu_share()
         self.model = load_model(model_cfg, state_ref, self.device)
         layer = final_linear(self.model)[1]
         self.widths = {"a": layer.in_features, "e": layer.out_features}
-        self.residuals, self.image_size, self.on_bad = residuals, image_size, on_bad
+        self.residuals, self.transform, self.on_bad = residuals, transform, on_bad
 
     @carry
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = np.asarray(batch["id"], np.int64)
-        pre = preprocess_batch(dict(batch), image_size=self.image_size, on_bad=self.on_bad)
+        pre = preprocess_batch(dict(batch), transform=self.transform, on_bad=self.on_bad)
         kept = np.asarray(pre["id"], np.int64)
         skipped = np.setdiff1d(ids, kept)
         out = {"id": np.concatenate([kept, skipped]), "skipped": np.arange(ids.size) >= kept.size,
@@ -95,7 +95,7 @@ def embed_pool(
     state_dict: Mapping[str, torch.Tensor],
     scoring_cfg: ScoringConfig,
     residuals: bool = False,
-    image_size: tuple[int, int] | None = None,
+    transform: ImageTransform = DEFAULT_TRANSFORM,
     on_bad: str = "fail",
     progress: bool = False,
 ) -> PoolEmbedding:
@@ -115,7 +115,7 @@ def embed_pool(
         batch_size=scoring_cfg.batch_size,
         batch_format="numpy",
         fn_constructor_kwargs=dict(model_cfg=model_cfg, state_ref=state_ref, residuals=residuals,
-                                   image_size=image_size, on_bad=on_bad),
+                                   transform=transform, on_bad=on_bad),
     )
     ds.context.enable_progress_bars = progress
     parts: dict[str, list[np.ndarray]] = {"id": [], "pred": [], "a": [], "e": [], "skipped": []}

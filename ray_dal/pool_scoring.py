@@ -34,7 +34,15 @@ from ray_dal.actors import (
     use_cpu_share,
 )
 from ray_dal.config import TOP_B_STRATEGIES, ConfigError, ModelConfig, ScoringConfig
-from ray_dal.data import PoolInfo, inspect_pool, preprocess_batch, read_ids, read_pool
+from ray_dal.data import (
+    DEFAULT_TRANSFORM,
+    ImageTransform,
+    PoolInfo,
+    inspect_pool,
+    preprocess_batch,
+    read_ids,
+    read_pool,
+)
 from ray_dal.data.transforms import ON_BAD
 from ray_dal.errors import carried, carry, original_errors
 from ray_dal.scoring import (
@@ -107,12 +115,12 @@ class PoolScorer:
         seed: int,
         budget: int,
         exclude_ids: np.ndarray,
-        image_size: tuple[int, int] | None = None,
+        transform: ImageTransform = DEFAULT_TRANSFORM,
         on_bad: str = "fail",
     ):
         _check_strategy(strategy)
         self.strategy, self.gamma, self.scope, self.seed = strategy, float(gamma), scope, int(seed)
-        self.budget, self.image_size, self.on_bad = int(budget), image_size, on_bad
+        self.budget, self.transform, self.on_bad = int(budget), transform, on_bad
         self.exclude_ids = exclude_ids  # sorted unique int64 (read-only when it came through Ray)
         self.device = actor_device()
         use_cpu_share()
@@ -144,7 +152,7 @@ class PoolScorer:
         count = 0
         if keep.any():
             kept = {name: np.asarray(col)[keep] for name, col in batch.items()}  # a copy: batches are read-only
-            pre = preprocess_batch(kept, image_size=self.image_size, on_bad=self.on_bad)
+            pre = preprocess_batch(kept, transform=self.transform, on_bad=self.on_bad)
             scored_ids = np.asarray(pre["id"], dtype=np.int64)
             skipped = np.setdiff1d(kept["id"], scored_ids)
             count = scored_ids.size
@@ -174,7 +182,7 @@ def score_pool(
     exclude_ids: np.ndarray,
     seed: int,
     progress: bool = True,
-    image_size: tuple[int, int] | None = None,
+    transform: ImageTransform = DEFAULT_TRANSFORM,
     on_bad: str = "fail",
 ) -> PoolQuery:
     """Score every pool sample not in ``exclude_ids`` and return the top ``budget`` (a `PoolQuery`).
@@ -216,7 +224,7 @@ def score_pool(
         fn_constructor_kwargs=dict(
             model_cfg=model_cfg, state_ref=state_ref, grad_ref=grad_ref, strategy=strategy,
             gamma=scoring_cfg.gamma, scope=scoring_cfg.scope, seed=seed, budget=int(budget),
-            exclude_ids=exclude, image_size=image_size, on_bad=on_bad,
+            exclude_ids=exclude, transform=transform, on_bad=on_bad,
         ),
     )
     ds.context.enable_progress_bars = progress

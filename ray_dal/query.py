@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .config import TOP_B_STRATEGIES, ConfigError, ModelConfig, ScoringConfig
-from .data import PoolInfo, read_ids
+from .data import DEFAULT_TRANSFORM, ImageTransform, PoolInfo, read_ids
 from .pool_embedding import PoolEmbedding, embed_pool
 from .pool_scoring import score_pool
 from .selection import albl, k_center_greedy, kmeans_pp_seeding
@@ -75,13 +75,13 @@ def select_query(
     budget: int,
     exclude_ids: np.ndarray,
     seed: int,
-    image_size: tuple[int, int] | None = None,
+    transform: ImageTransform = DEFAULT_TRANSFORM,
     on_bad: str = "fail",
 ) -> Query:
     """The query of ``scoring_cfg.strategy``: ``budget`` pool ids, none in ``exclude_ids`` (which holds S)."""
     strategy = scoring_cfg.strategy
     common = dict(model_cfg=model_cfg, state_dict=state_dict, scoring_cfg=scoring_cfg, budget=budget,
-                  exclude_ids=exclude_ids, seed=seed, image_size=image_size, on_bad=on_bad)
+                  exclude_ids=exclude_ids, seed=seed, transform=transform, on_bad=on_bad)
     if strategy in TOP_B_STRATEGIES:
         return _top_b(pool, grad_sum=grad_sum, **common)
     if strategy == "coreset":
@@ -93,10 +93,10 @@ def select_query(
     raise ConfigError(f"scoring.strategy = {strategy!r} is unknown")
 
 
-def _top_b(pool, *, grad_sum, model_cfg, state_dict, scoring_cfg, budget, exclude_ids, seed, image_size,
+def _top_b(pool, *, grad_sum, model_cfg, state_dict, scoring_cfg, budget, exclude_ids, seed, transform,
            on_bad) -> Query:
     q = score_pool(pool, model_cfg=model_cfg, state_dict=state_dict, grad_sum=grad_sum, scoring_cfg=scoring_cfg,
-                   budget=budget, exclude_ids=exclude_ids, seed=seed, image_size=image_size, on_bad=on_bad)
+                   budget=budget, exclude_ids=exclude_ids, seed=seed, transform=transform, on_bad=on_bad)
     return Query(q.ids, q.scores, q.num_scored, q.seconds, q.skipped_ids)
 
 
@@ -112,9 +112,9 @@ def candidate_ids(pool: PoolInfo, exclude_ids: np.ndarray, budget: int, limit: i
     return np.sort(np.random.default_rng([seed, 1]).choice(unlabeled, limit, replace=False))
 
 
-def _embed(pool, ids, *, residuals, model_cfg, state_dict, scoring_cfg, image_size, on_bad) -> PoolEmbedding:
+def _embed(pool, ids, *, residuals, model_cfg, state_dict, scoring_cfg, transform, on_bad) -> PoolEmbedding:
     emb = embed_pool(pool, ids, model_cfg=model_cfg, state_dict=state_dict, scoring_cfg=scoring_cfg,
-                     residuals=residuals, image_size=image_size, on_bad=on_bad)
+                     residuals=residuals, transform=transform, on_bad=on_bad)
     width = emb.features.shape[1] + (emb.residuals.shape[1] if residuals else 0)
     log.info("embedded %d samples (%d floats each, %.0f MB on the driver) in %.1fs", emb.ids.size, width,
              emb.ids.size * width * 4 / 2**20, emb.seconds)
@@ -126,12 +126,12 @@ def _picked(cand: PoolEmbedding, picks: torch.Tensor, gaps: torch.Tensor, num_sc
     return Query(cand.ids[picks.numpy()], gaps.double().numpy(), num_scored, seconds, skipped, info)
 
 
-def _coreset(pool, labeled: Labeled, *, model_cfg, state_dict, scoring_cfg, budget, exclude_ids, seed, image_size,
+def _coreset(pool, labeled: Labeled, *, model_cfg, state_dict, scoring_cfg, budget, exclude_ids, seed, transform,
              on_bad, labeled_embedding: PoolEmbedding | None = None) -> Query:
     cand_ids = candidate_ids(pool, exclude_ids, budget, scoring_cfg.candidates, seed)
     emb = _embed(pool, cand_ids if labeled_embedding is not None else np.union1d(cand_ids, labeled.ids),
                  residuals=False, model_cfg=model_cfg, state_dict=state_dict, scoring_cfg=scoring_cfg,
-                 image_size=image_size, on_bad=on_bad)
+                 transform=transform, on_bad=on_bad)
     centres = labeled_embedding if labeled_embedding is not None else _subset(emb, labeled.ids)
     cand = _subset(emb, cand_ids)
     _enough(cand, budget)
@@ -140,10 +140,10 @@ def _coreset(pool, labeled: Labeled, *, model_cfg, state_dict, scoring_cfg, budg
                    {"candidates": int(cand.ids.size), "centres": int(centres.ids.size)})
 
 
-def _badge(pool, *, model_cfg, state_dict, scoring_cfg, budget, exclude_ids, seed, image_size, on_bad) -> Query:
+def _badge(pool, *, model_cfg, state_dict, scoring_cfg, budget, exclude_ids, seed, transform, on_bad) -> Query:
     cand_ids = candidate_ids(pool, exclude_ids, budget, scoring_cfg.candidates, seed)
     emb = _embed(pool, cand_ids, residuals=True, model_cfg=model_cfg, state_dict=state_dict,
-                 scoring_cfg=scoring_cfg, image_size=image_size, on_bad=on_bad)
+                 scoring_cfg=scoring_cfg, transform=transform, on_bad=on_bad)
     _enough(emb, budget)
     picks, gaps = kmeans_pp_seeding(torch.from_numpy(emb.features), torch.from_numpy(emb.residuals), budget,
                                     np.random.default_rng([seed, 2]))
@@ -163,9 +163,9 @@ def _enough(cand: PoolEmbedding, budget: int) -> None:
                           f"({cand.skipped_ids.size} bad image(s) skipped); lower b or raise scoring.candidates")
 
 
-def _albl(pool, labeled: Labeled, *, model_cfg, state_dict, scoring_cfg, budget, exclude_ids, seed, image_size,
+def _albl(pool, labeled: Labeled, *, model_cfg, state_dict, scoring_cfg, budget, exclude_ids, seed, transform,
           on_bad) -> Query:
-    common = dict(model_cfg=model_cfg, state_dict=state_dict, scoring_cfg=scoring_cfg, image_size=image_size,
+    common = dict(model_cfg=model_cfg, state_dict=state_dict, scoring_cfg=scoring_cfg, transform=transform,
                   on_bad=on_bad)
     weights, reward, embedded = np.ones(len(albl.ARMS)), None, None
     if labeled.history:  # reward the arm drawn last round with the new model's weighted training accuracy

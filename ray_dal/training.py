@@ -57,7 +57,7 @@ from torch import nn
 
 from .actors import actor_device, check_weights, load_model, use_cpu_share
 from .config import ExperimentConfig, ModelConfig, TrainConfig, validate
-from .data import PoolInfo, preprocess_batch, read_pool
+from .data import DEFAULT_TRANSFORM, ImageTransform, PoolInfo, preprocess_batch, read_pool
 from .errors import carried, carry, original_errors
 from .models import build_model
 from .runtime import cluster_has_gpus
@@ -90,7 +90,7 @@ class RoundFit:
 
 
 def prepare_labeled(
-    pool: PoolInfo | str, ids: np.ndarray, image_size: tuple[int, int] | None = None, on_bad: str = "fail"
+    pool: PoolInfo | str, ids: np.ndarray, transform: ImageTransform = DEFAULT_TRANSFORM, on_bad: str = "fail"
 ) -> ray.data.Dataset:
     """Read the rows ``ids`` of ``pool``, decode them once and materialise: columns ``id``, ``x``, ``label``.
 
@@ -100,7 +100,7 @@ def prepare_labeled(
     """
     ids = _check_ids(ids)
     labeled = read_pool(pool, ids=ids).map_batches(
-        carry(preprocess_batch), batch_format="numpy", fn_kwargs={"image_size": image_size, "on_bad": on_bad}
+        carry(preprocess_batch), batch_format="numpy", fn_kwargs={"transform": transform, "on_bad": on_bad}
     )
     with original_errors("the decoding of the labeled set"):
         labeled = carried(labeled).materialize()
@@ -450,19 +450,19 @@ class _Evaluator:
     row holds the ``id`` of an image that could not be decoded under ``on_bad="skip"`` (counts 0).
     """
 
-    def __init__(self, model_cfg: dict, state, decode: bool, image_size: tuple[int, int] | None, use_gpu: bool,
+    def __init__(self, model_cfg: dict, state, decode: bool, transform: ImageTransform, use_gpu: bool,
                  on_bad: str = "fail"):
         use_cpu_share()
         self.device = actor_device(use_gpu)
         self.model = load_model(model_cfg, state, self.device)
-        self.decode, self.image_size, self.on_bad = decode, image_size, on_bad
+        self.decode, self.transform, self.on_bad = decode, transform, on_bad
 
     @carry
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         skipped = np.empty(0, np.int64)
         if self.decode:
             ids = np.asarray(batch["id"], np.int64) if "id" in batch else None
-            batch = preprocess_batch(batch, image_size=self.image_size, on_bad=self.on_bad)
+            batch = preprocess_batch(batch, transform=self.transform, on_bad=self.on_bad)
             if ids is not None:
                 skipped = np.setdiff1d(ids, batch["id"])
         labels = torch.from_numpy(np.asarray(batch["label"], dtype=np.int64)).to(self.device)
@@ -485,7 +485,7 @@ def count_correct(
     batch_size: int = 512,
     num_actors: int = 1,
     cpus_per_actor: float = 0.5,
-    image_size: tuple[int, int] | None = None,
+    transform: ImageTransform = DEFAULT_TRANSFORM,
     on_bad: str = "fail",
 ) -> tuple[int, int, np.ndarray]:
     """(correct, rows evaluated, ids of images skipped under ``on_bad="skip"``) of the model on ``test``.
@@ -513,7 +513,7 @@ def count_correct(
         num_cpus=cpus_per_actor,
         num_gpus=1 if use_gpu else 0,
         fn_constructor_kwargs={"model_cfg": asdict(model_cfg), "state": ray.put(_cpu(state_dict)),
-                               "decode": decode, "image_size": image_size, "use_gpu": use_gpu, "on_bad": on_bad},
+                               "decode": decode, "transform": transform, "use_gpu": use_gpu, "on_bad": on_bad},
     )
     correct = total = 0
     skipped = []

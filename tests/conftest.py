@@ -45,9 +45,9 @@ def cifar10_slice(tmp_path_factory, cifar10_dir) -> Path:
     return folder
 
 
-def run_job(argv: list[str]) -> None:
-    """jobs/cifar10.py's main(argv), in this process (its errors arrive as exceptions, not exit codes)."""
-    spec = importlib.util.spec_from_file_location("cifar10_job", REPO / "jobs" / "cifar10.py")
+def run_job(argv: list[str], job: str = "cifar10") -> None:
+    """jobs/<job>.py's main(argv), in this process (its errors arrive as exceptions, not exit codes)."""
+    spec = importlib.util.spec_from_file_location(f"{job}_job", REPO / "jobs" / f"{job}.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     job.main(argv)

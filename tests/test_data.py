@@ -17,6 +17,7 @@ from ray_dal.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     ImageDecodeError,
+    ImageTransform,
     PoolError,
     decode_images,
     inspect_pool,
@@ -200,7 +201,7 @@ def test_decode_images_bad_inputs():
     np.testing.assert_array_equal(images[2], np.repeat(gray[:, :, None], 3, axis=2))  # L -> RGB
 
     # The expected size may come from the caller; then the first image is not trusted.
-    images, keep = decode_images(blobs[2:5], image_size=(16, 16), on_bad="skip")
+    images, keep = decode_images(blobs[2:5], transform=ImageTransform((16, 16)), on_bad="skip")
     np.testing.assert_array_equal(keep, [False, True, False])
     with pytest.raises(ValueError, match="on_bad='ignore' is invalid"):
         decode_images(blobs, on_bad="ignore")

@@ -68,7 +68,7 @@ def float64_case(name: str, batch: int = 3, seed: int = 0):
     torch.manual_seed(seed)
     model = EveryLayer() if name == "every_layer" else build_model(name, 10)
     model = randomise_norm_statistics(model.double(), seed)
-    size = 16 if name == "every_layer" else 32
+    size = {"every_layer": 16, "resnet18_imagenet": 64}.get(name, 32)  # the ImageNet stem downsamples 4x
     x = torch.randn(batch, 3, size, size, dtype=torch.float64)
     labeled_x = torch.randn(5, 3, size, size, dtype=torch.float64)
     labeled_y = torch.randint(0, 5, (5,))
@@ -81,7 +81,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> N
     assert err <= rtol, f"max relative error {err:.3e} > {rtol:.0e}\nactual   {actual}\nexpected {expected}"
 
 
-@pytest.fixture(scope="module", params=["cnn", "resnet18", "vgg11", "every_layer"])
+@pytest.fixture(scope="module", params=["cnn", "resnet18", "vgg11", "resnet18_imagenet", "every_layer"])
 def case(request):
     model, x, labeled = float64_case(request.param)
     assert generic_path_parameters(model, x) == [], "every parameter of these models must take a fast path"

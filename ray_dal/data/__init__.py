@@ -1,4 +1,5 @@
-"""The data layer: pools of (id, encoded image, label) in Parquet, and batch decoding/normalisation.
+"""The data layer: pools of (id, encoded image, label) in Parquet, the datasets and their on-disk layouts,
+and batch decoding/normalisation.
 
 Names are imported on first use (PEP 562): Ray Data read tasks unpickle functions of
 ``ray_dal.data.pools``, and importing this package must not pull torch into every read worker.
@@ -9,12 +10,12 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "ray_dal.data.cifar10": ("resolve_cifar10",),
+    "ray_dal.data.datasets": ("DATASETS", "Dataset", "get_dataset", "resolve_cifar10"),
     "ray_dal.data.pools": ("PoolError", "PoolInfo", "RowGroup", "inspect_pool", "read_ids", "read_labels",
                            "read_pool", "select_row_groups"),
     "ray_dal.data.synthetic": ("write_synthetic_pool",),
-    "ray_dal.data.transforms": ("CIFAR10_MEAN", "CIFAR10_STD", "ImageDecodeError", "decode_images", "normalize",
-                                "preprocess_batch"),
+    "ray_dal.data.transforms": ("CIFAR10_MEAN", "CIFAR10_STD", "DEFAULT_TRANSFORM", "ImageDecodeError",
+                                "ImageTransform", "decode_images", "normalize", "preprocess_batch"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

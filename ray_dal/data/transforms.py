@@ -1,17 +1,20 @@
 """Turning encoded images into model inputs, one batch at a time.
 
-Preprocessing (the same for training, scoring and evaluation; there is no augmentation):
+Preprocessing (the same for training, scoring and evaluation; there is no augmentation), set by an
+`ImageTransform` (a dataset's comes from `ray_dal.data.datasets`; the default is CIFAR-10's statistics):
   1. decode each encoded image (JPEG, PNG, ... anything PIL reads) and convert it to RGB
      (grayscale, palette and RGBA images included; alpha is dropped);
-  2. every image of a batch must have the same size (``image_size`` or the first good image's);
-  3. scale to [0, 1] (x / 255), then standardise each channel: (x - mean) / std, with CIFAR-10's
-     per-channel training-set statistics by default;
+  2. with ``resize``, resize it to ``image_size`` (PIL bilinear, antialiased; the aspect ratio is not
+     kept); without, every image of a batch must have the same size (``image_size`` or the first
+     good image's) and another size makes the image bad;
+  3. scale to [0, 1] (x / 255), then standardise each channel: (x - mean) / std;
   4. lay out as float32 [B, 3, H, W] (channels first, as torch models expect).
 """
 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -22,6 +25,42 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 ON_BAD = ("fail", "skip")
 _MAX_LISTED = 20
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """How encoded images become model inputs (steps 1-4 above); small and picklable, so it travels to actors.
+
+    ``image_size`` (H, W) or one int for a square: the size every image must have, or is resized to with
+    ``resize``; None: every image of a batch must match the first decodable one. ``mean``/``std``: the
+    per-channel statistics of [0, 1] pixels. The default is CIFAR-10's statistics with no fixed size.
+    """
+
+    image_size: tuple[int, int] | None = None
+    mean: tuple[float, float, float] = CIFAR10_MEAN
+    std: tuple[float, float, float] = CIFAR10_STD
+    resize: bool = False
+
+    def __post_init__(self):
+        size = self.image_size
+        if isinstance(size, (int, np.integer)):
+            size = (size, size)
+        if size is not None:
+            if len(size) != 2 or any(int(v) != v or v < 1 for v in size):
+                raise ValueError(f"image_size = {self.image_size!r} is invalid: give (height, width) or one int, "
+                                 "all >= 1")
+            size = (int(size[0]), int(size[1]))
+        mean, std = tuple(float(v) for v in self.mean), tuple(float(v) for v in self.std)
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean = {self.mean!r}, std = {self.std!r} are invalid: give 3 values each (R, G, B), "
+                             "std > 0")
+        if self.resize and size is None:
+            raise ValueError("resize=True needs an image_size to resize to")
+        for name, value in (("image_size", size), ("mean", mean), ("std", std), ("resize", bool(self.resize))):
+            object.__setattr__(self, name, value)
+
+
+DEFAULT_TRANSFORM = ImageTransform()
 
 
 class ImageDecodeError(ValueError):
@@ -41,14 +80,16 @@ class ImageDecodeError(ValueError):
         return type(self), (self.bad_ids, self.reasons, self.batch_size)
 
 
-def _decode_one(blob) -> np.ndarray:
-    """One encoded image -> uint8 [H, W, 3]; raises ValueError saying why it cannot be decoded."""
+def _decode_one(blob, resize_to: tuple[int, int] | None = None) -> np.ndarray:
+    """One encoded image -> uint8 [H, W, 3], resized to ``resize_to`` (H, W) if given; ValueError says why not."""
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise ValueError(f"undecodable: expected image bytes, got {type(blob).__name__}")
     try:
         with Image.open(io.BytesIO(blob)) as img:
             img = img.convert("RGB") if img.mode != "RGB" else img
             img.load()
+            if resize_to is not None and img.size != (resize_to[1], resize_to[0]):
+                img = img.resize((resize_to[1], resize_to[0]), Image.BILINEAR)
             return np.asarray(img, dtype=np.uint8)
     except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
         raise ValueError(f"undecodable: {type(e).__name__}: {e}") from None
@@ -57,14 +98,13 @@ def _decode_one(blob) -> np.ndarray:
 def decode_images(
     blobs: Sequence[bytes],
     ids: Sequence[int] | np.ndarray | None = None,
-    image_size: tuple[int, int] | None = None,
+    transform: ImageTransform = DEFAULT_TRANSFORM,
     on_bad: str = "fail",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Decode B encoded images to RGB.
+    """Decode B encoded images to RGB (steps 1-2 of ``transform``; its statistics are not used here).
 
     Returns ``(images, keep)``: images uint8 [N, H, W, 3] of the usable images in batch order, and
-    keep bool [B] marking them (N = keep.sum()). ``image_size`` is (H, W); None means every image must
-    match the first decodable one. ``ids`` (default: batch positions) name the images in errors.
+    keep bool [B] marking them (N = keep.sum()). ``ids`` (default: batch positions) name the images in errors.
     on_bad="fail" raises `ImageDecodeError` listing every bad id of the batch; "skip" drops them.
     With no usable image and no ``image_size`` the result has shape [0, 0, 0, 3].
     """
@@ -78,9 +118,10 @@ def decode_images(
     out: np.ndarray | None = None
     bad_ids: list[int] = []
     reasons: list[str] = []
+    image_size = transform.image_size
     for i, blob in enumerate(blobs):
         try:
-            img = _decode_one(blob)
+            img = _decode_one(blob, image_size if transform.resize else None)
             if image_size is None:
                 image_size = img.shape[:2]
             if img.shape[:2] != tuple(image_size):
@@ -103,13 +144,13 @@ def decode_images(
     return (out if keep.all() else out[keep]), keep
 
 
-def normalize(images: np.ndarray, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W]: x / 255, then (x - mean) / std per channel."""
+def normalize(images: np.ndarray, transform: ImageTransform = DEFAULT_TRANSFORM) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W]: x / 255, then (x - mean) / std per channel (``transform``'s)."""
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"normalize expects uint8 images [B, H, W, 3], got {images.dtype} {list(images.shape)}")
-    mean = np.asarray(mean, dtype=np.float32)
-    std = np.asarray(std, dtype=np.float32)
+    mean = np.asarray(transform.mean, dtype=np.float32)
+    std = np.asarray(transform.std, dtype=np.float32)
     # astype copies, so read-only input (Ray batches) is never written and torch gets a writable array
     x = images.astype(np.float32)
     x /= 255.0
@@ -120,12 +161,10 @@ def normalize(images: np.ndarray, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.T
 
 def preprocess_batch(
     batch: dict[str, np.ndarray],
-    image_size: tuple[int, int] | None = None,
+    transform: ImageTransform = DEFAULT_TRANSFORM,
     on_bad: str = "fail",
-    mean=CIFAR10_MEAN,
-    std=CIFAR10_STD,
 ) -> dict[str, np.ndarray]:
-    """A Ray Data ``map_batches(batch_format="numpy")`` function: decode and normalise a batch.
+    """A Ray Data ``map_batches(batch_format="numpy")`` function: decode and normalise a batch (``transform``).
 
     Input columns ``id`` and ``image`` (encoded bytes), optionally ``label``. Output ``id`` int64 [N],
     ``x`` float32 [N, 3, H, W] and ``label`` int64 [N] if given; rows of skipped images are dropped.
@@ -135,8 +174,8 @@ def preprocess_batch(
     if missing:
         raise KeyError(f"preprocess_batch needs columns 'id' and 'image'; missing {missing}, got {sorted(batch)}")
     ids = np.asarray(batch["id"], dtype=np.int64)
-    images, keep = decode_images(batch["image"], ids, image_size=image_size, on_bad=on_bad)
-    out = {"id": ids[keep], "x": normalize(images, mean, std).numpy()}
+    images, keep = decode_images(batch["image"], ids, transform, on_bad=on_bad)
+    out = {"id": ids[keep], "x": normalize(images, transform).numpy()}
     if "label" in batch:
         out["label"] = np.asarray(batch["label"], dtype=np.int64)[keep]
     return out

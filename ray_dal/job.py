@@ -1,0 +1,66 @@
+"""What every experiment job (``jobs/<dataset>.py``) does: flags and YAML to a config, then run the loop.
+
+Settings come from ray_dal/config.py's defaults, then ``--config`` (YAML; the job's own file by default),
+then the flags below; the job sets ``data.dataset``. Re-running with the same ``--out`` resumes after
+the last complete round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Callable
+
+from .config import STRATEGIES, load_config
+from .errors import exit_on_user_error
+from .loop import run_experiment
+from .models import available_models
+from .run_dir import RunDir
+
+FLAGS = {  # flag -> (config key, type, help)
+    "--data-dir": ("data.data_dir", str, "the data as Parquet, torchvision's layout or an ImageFolder copy, or where "
+                                         "to download it"),
+    "--out": ("loop.out", str, "run directory (resumed if it exists)"),
+    "--model": ("model.name", str, " | ".join(available_models())),
+    "--strategy": ("scoring.strategy", str, " | ".join(STRATEGIES)),
+    "--gamma": ("scoring.gamma", float, "weight of <g, G> (inf: <g, G> alone)"),
+    "--scope": ("scoring.scope", str, "all | last"),
+    "--initial": ("loop.initial", int, "size M of the seeded initial labeled set"),
+    "--budget": ("loop.budget", int, "samples b queried per round"),
+    "--rounds": ("loop.rounds", int, "number R of queries"),
+    "--epochs": ("train.max_epochs", int, "max epochs per round"),
+    "--train-accuracy": ("train.train_accuracy", float, "end a round at this training accuracy"),
+    "--seed": ("loop.seed", int, "seed of the initial set, the model and the shuffles"),
+    "--num-workers": ("train.num_workers", int, "Ray Train workers"),
+    "--num-scorers": ("scoring.num_scorers", int, "Ray Data scoring actors"),
+    "--pool-size": ("data.pool_size", int, "use a seeded subsample of the training pool"),
+    "--test-size": ("data.test_size", int, "use a seeded subsample of the test set"),
+    "--image-size": ("data.image_size", int, "resize every image to this height and width (default: the dataset's)"),
+    "--num-cpus": ("runtime.num_cpus", int, "CPUs of the embedded local Ray (ignored on a cluster)"),
+}
+
+
+def run_job(dataset: str, default_config: Path, argv: list[str] | None = None, description: str | None = None) -> RunDir:
+    """Parse ``argv`` (the flags above and ``--config``, default ``default_config``), run the experiment on
+    ``dataset``, print each round's test accuracy; returns the run directory."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=default_config, help="YAML config [default: %(default)s]")
+    for flag, (key, kind, help_text) in FLAGS.items():
+        parser.add_argument(flag, type=kind, help=f"{help_text} [{key}]")
+    args = vars(parser.parse_args(argv))
+    overrides = {key: args[flag[2:].replace("-", "_")] for flag, (key, _, _) in FLAGS.items()}
+    overrides = {"data.dataset": dataset, **{k: v for k, v in overrides.items() if v is not None}}
+    cfg = load_config(args["config"], overrides)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    run = run_experiment(cfg)
+    for m in run.metrics():
+        print(f"round {m['round']}: {m['n_labeled']} labeled, test accuracy {m['test_accuracy']:.4f}")
+    print(f"results in {run.root}")
+    return run
+
+
+def script(main: Callable[[], object], name: str) -> None:
+    """Run a job's ``main`` as a script: bad input prints one message naming the value and the fix, exit 2."""
+    with exit_on_user_error(name):
+        main()
