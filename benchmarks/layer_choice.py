@@ -15,10 +15,11 @@ ray_dal/scoring/layers/common.py:prefer_ghost(T, fan_in, fan_out, "auto") picks 
    "materialize" and "auto" with the earlier rule patched in (this process only; the engine's files are
    untouched), against a training step.
 
-Round-robin over methods inside each repetition; medians. Writes benchmarks/results/layer_choice.{md,json}.
+Round-robin over methods inside each repetition; medians. Writes benchmarks/results/layer_choice.{json,md,png}.
 
-    python benchmarks/layer_choice.py --quick
+    python benchmarks/layer_choice.py --quick       # smoke run (~15 s): cnn's two conv shapes at B=32, cnn end to end
     python benchmarks/layer_choice.py
+    python benchmarks/layer_choice.py --quick --out /tmp/x   # write NAME.{json,md,png} elsewhere
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from ray_dal.scoring.layers.common import prefer_ghost
 # the module (ray_dal.scoring.layers re-exports a function of the same name, which `import ... as` would give)
 conv_layer = importlib.import_module("ray_dal.scoring.layers.conv")
 
+REPO = Path(__file__).resolve().parents[1]
 LAYER_METHODS = ["ghost", "materialize", "weight_grad"]
 E2E_METHODS = ["train_step", "auto", "ghost", "materialize", "auto_previous_rule"]
 
@@ -249,19 +251,54 @@ def write_markdown(result, path: Path):
     path.write_text("\n".join(lines) + "\n")
 
 
+def write_plot(result, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ax = axes[0]
+    for B in sorted({r["B"] for r in result["layers"]}):
+        rows = [r for r in result["layers"] if r["B"] == B]
+        ax.scatter([r["cost_ratio"] for r in rows], [r["ghost_over_materialize"] for r in rows], label=f"B={B}")
+    lo, hi = result["summary"]["consistent_c"]
+    if lo < hi and hi != float("inf"):
+        ax.axvspan(max(lo, 1e-3), hi, color="green", alpha=0.1, label="consistent c")
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.set(xscale="log", yscale="log", xlabel="cost ratio T (fan_in + fan_out) / (fan_in fan_out)",
+           ylabel="ghost time / materialize time", title="per Conv2d shape (below 1: ghost wins)")
+    ax.legend(fontsize=8)
+    ax, e2e = axes[1], result["end_to_end"]
+    width = 0.8 / len(E2E_METHODS)
+    for i, m in enumerate(E2E_METHODS):
+        ax.bar([j + (i - len(E2E_METHODS) / 2 + 0.5) * width for j in range(len(e2e))],
+               [r["over_train_step"][m] for r in e2e], width, label=m)
+    ax.set_xticks(range(len(e2e)), [f"{r['model']}\nB={r['B']}" for r in e2e])
+    ax.set(ylabel="time / train_step", title="dynamic_scores end to end by layer_method"
+           + ("" if e2e else " (skipped)"))
+    if e2e:
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Ghost vs materialise ({result['machine']}, torch {result['torch']}; medians)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="resnet18 only, B=64, 3 repeats")
+    p.add_argument("--quick", action="store_true", help="cnn only (its two conv shapes), B=32, 3 repeats")
     p.add_argument("--models", nargs="+", default=None)
     p.add_argument("--batch-sizes", nargs="+", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None, help="default 7 (quick 3)")
     p.add_argument("--e2e-repeats", type=int, default=None, help="default 5 (quick 2)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-e2e", action="store_true", help="per-layer table only")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
+                   help="folder for NAME.json/.md/.png (default benchmarks/results)")
+    p.add_argument("--name", default=None, help="output file stem (default layer_choice, quick: layer_choice_quick)")
     args = p.parse_args(argv)
-    args.models = args.models or (["resnet18"] if args.quick else ["resnet18", "vgg11"])
-    args.batch_sizes = args.batch_sizes or ([64] if args.quick else [64, 128])
+    args.models = args.models or (["cnn"] if args.quick else ["resnet18", "vgg11"])
+    args.batch_sizes = args.batch_sizes or ([32] if args.quick else [64, 128])
     args.repeats = args.repeats or (3 if args.quick else 7)
     args.e2e_repeats = args.e2e_repeats or (2 if args.quick else 5)
     torch.set_num_threads(args.threads)
@@ -289,11 +326,12 @@ def main(argv=None):
                          min([r["cost_ratio"] for r in rows if r["winner"] != "ghost"], default=float("inf"))],
     }
     print(json.dumps(result["summary"]))
-    stem = "layer_choice_quick" if args.quick else "layer_choice"
+    stem = args.name or ("layer_choice_quick" if args.quick else "layer_choice")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     write_markdown(result, args.out / f"{stem}.md")
-    print(f"wrote {args.out}/{stem}.{{md,json}}")
+    write_plot(result, args.out / f"{stem}.png")
+    print(f"wrote {args.out}/{stem}.{{json,md,png}}")
 
 
 if __name__ == "__main__":

@@ -30,22 +30,21 @@ Diagnostics recorded next to every run, to explain a miss:
     samples in decode, dynamic_scores, top-b and waiting for input.
   * decode alternatives: torchvision.io.decode_jpeg (batched) against the PIL path, with pixel agreement.
 
-    python benchmarks/pipeline_efficiency.py --quick    # smoke run, < 2 minutes (cnn, 6k real images)
+    python benchmarks/pipeline_efficiency.py --quick    # smoke run (~20 s): cnn, 1536 real images, 1 repeat
     python benchmarks/pipeline_efficiency.py            # full: cnn on CIFAR-10 train (50k), resnet18 on 640 images
+    python benchmarks/pipeline_efficiency.py --quick --out /tmp/x --data-dir ../shared/data/cifar10
+
+CIFAR-10 is read from --data-dir (default ../shared/data/cifar10 beside the repo: train.parquet, test.parquet).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import datetime
-import importlib.metadata
 import json
 import logging
 import multiprocessing as mp
 import os
-import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -57,59 +56,25 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
+import record  # benchmarks/record.py
 import torch
 
-import ray
 import ray_dal.pool_scoring as pool_scoring
 from ray_dal.config import ScoringConfig
-from ray_dal.data import inspect_pool, normalize, decode_images, preprocess_batch
+from ray_dal.data import decode_images, inspect_pool, normalize, preprocess_batch
 from ray_dal.models import build_model
 from ray_dal.runtime import init_ray
 from ray_dal.scoring import dynamic_scores, labeled_gradient
 from ray_dal.topk import TopB
 
 REPO = Path(__file__).resolve().parents[1]
-CIFAR = Path("/work/shared/data/cifar10")
+CIFAR = REPO.parent / "shared" / "data" / "cifar10"  # --data-dir
 TMP = Path("/tmp/ray_dal_bench/pipeline_efficiency")
 GAMMA = 2.0
 CPUS_PER_SCORER = 0.5
 THREADS_PER_ACTOR = max(1, int(CPUS_PER_SCORER))  # what ray_dal.actors.use_cpu_share gives the actor
-
-
-# ----------------------------------------------------------------------------------------------------
-# machine
-
-
-def machine_info() -> dict:
-    cpu = "unknown"
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], capture_output=True, text=True, cwd=REPO).stdout.strip()
-        except OSError:
-            return None
-
-    def version(dist):
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    return {
-        "cpu": cpu, "logical_cores": psutil.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "load_average_at_start": [round(x, 2) for x in psutil.getloadavg()], "platform": platform.platform(),
-        "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
-        "numpy": np.__version__, "pyarrow": pa.__version__, "pillow": version("pillow"),
-        "torchvision": version("torchvision"), "psutil": psutil.__version__,
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git("rev-parse", "HEAD"), "ray_dal_dirty": bool(git("status", "--porcelain", "ray_dal")),
-    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -211,12 +176,13 @@ def _parallel_worker(args):
     return x.shape[0] * n_batches / (time.perf_counter() - t0)
 
 
-def parallel_rate(name: str, model, g, x: torch.Tensor, k: int, threads: int, n_batches: int) -> dict:
+def parallel_rate(name: str, model, g, x: torch.Tensor, k: int, threads: int, n_batches: int,
+                  start_s: float = 8.0) -> dict:
     """k fresh processes (spawn), `threads` torch threads each, scoring the same batch at the same time."""
     ctx = mp.get_context("spawn")
     state = {n: t.detach().clone() for n, t in model.state_dict().items()}
     with ctx.Pool(k) as pool:
-        start_at = time.time() + 8.0  # every worker imported torch and warmed up by then
+        start_at = time.time() + start_s  # every worker imported torch and warmed up by then
         rates = pool.map(_parallel_worker, [(name, state, g, x.numpy(), n_batches, threads, start_at)] * k)
     return {"k": k, "sum_rate": float(sum(rates)), "per_process": [float(r) for r in rates]}
 
@@ -517,7 +483,8 @@ def decode_alternatives(pool: Path, batch_size: int, repeats: int) -> dict:
 
 
 def study(name: str, pool: Path, batch_size: int, ks: list[int], repeats: int, base_batches: int,
-          base_repeats: int, parallel_batches: int, budget: int, profile_s: float) -> dict:
+          base_repeats: int, parallel_batches: int, budget: int, profile_s: float,
+          parallel_start_s: float = 8.0) -> dict:
     print(f"\n== {name}: pool {pool} ({inspect_pool(str(pool)).num_rows} rows), batch {batch_size}, k {ks}", flush=True)
     model, g = model_and_g(name)
     batches = sample_batches(pool, batch_size, base_batches)
@@ -526,7 +493,7 @@ def study(name: str, pool: Path, batch_size: int, ks: list[int], repeats: int, b
     def baseline():
         return inprocess_rates(model, g, batches, T, base_repeats)
 
-    runs, bases, parallel = [], [baseline()], []
+    runs, bases = [], [baseline()]
     for rep in range(repeats):
         order = ks if rep % 2 == 0 else ks[::-1]
         for k in order:
@@ -540,7 +507,7 @@ def study(name: str, pool: Path, batch_size: int, ks: list[int], repeats: int, b
                        efficiency=run["rate"] / (k * ref), steady_efficiency=run["steady_rate"] / (k * ref),
                        efficiency_vs_decode_plus_score=run["rate"] / (k * ref_dec))
             if k > 1 and parallel_batches:
-                par = parallel_rate(name, model, g, batches[0]["x"], k, T, parallel_batches)
+                par = parallel_rate(name, model, g, batches[0]["x"], k, T, parallel_batches, parallel_start_s)
                 run["parallel_inprocess"] = par
                 run["efficiency_vs_parallel"] = run["rate"] / par["sum_rate"]
             runs.append(run)
@@ -742,14 +709,20 @@ def findings(result: dict) -> list[str]:
 
 
 def main(argv=None) -> None:
+    global CIFAR
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke run (< 2 minutes): cnn on 6k images, 1 repeat")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run (~20 s): cnn on 1536 CIFAR-10 images (6 batches), 1 repeat, smaller baselines")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--models", nargs="+", default=None, help="studies to run: cnn, resnet18, cnn@synthetic100k")
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
+                   help="folder for NAME.json/.md/.png (default benchmarks/results)")
+    p.add_argument("--data-dir", type=Path, default=CIFAR,
+                   help="CIFAR-10 folder with train.parquet and test.parquet (default ../shared/data/cifar10)")
     p.add_argument("--name", default=None, help="output file stem (default pipeline_efficiency[_quick])")
     p.add_argument("--replot", type=Path, default=None, help="rewrite the .md/.png of an existing result JSON and exit")
     a = p.parse_args(argv)
+    CIFAR = a.data_dir.resolve()
     if a.replot:
         result = json.loads(a.replot.read_text())
         result["findings"] = findings(result)
@@ -764,8 +737,8 @@ def main(argv=None) -> None:
     TMP.mkdir(parents=True, exist_ok=True)
 
     if a.quick:
-        plans = {"cnn": dict(pool=cifar_subset(6000, 1000), batch_size=256, repeats=a.repeats or 1, base_batches=2,
-                             base_repeats=2, parallel_batches=6, budget=500, profile_s=0)}
+        plans = {"cnn": dict(pool=cifar_subset(1536, 256), batch_size=256, repeats=a.repeats or 1, base_batches=1,
+                             base_repeats=2, parallel_batches=2, parallel_start_s=3.0, budget=500, profile_s=0)}
     else:
         plans = {"cnn": dict(pool=CIFAR / "train.parquet", batch_size=256, repeats=a.repeats or 3, base_batches=3,
                              base_repeats=2, parallel_batches=12, budget=500, profile_s=12),
@@ -777,7 +750,7 @@ def main(argv=None) -> None:
     settings = {"quick": a.quick, "strategy": "dynamic", "scope": "all", "gamma": GAMMA, "cpus_per_scorer": CPUS_PER_SCORER,
                 "threads_per_actor": THREADS_PER_ACTOR, "ks": [1, 2], "ray_num_cpus": psutil.cpu_count(),
                 "plans": {m: {k: str(v) if isinstance(v, Path) else v for k, v in plans[m].items()} for m in models}}
-    machine = machine_info()
+    machine = record.machine_info()
     init_ray(num_cpus=psutil.cpu_count(), no_progress_timeout_s=300)
     ray.data.DataContext.get_current().enable_progress_bars = False
     result = {"machine": machine, "settings": settings, "studies": []}
@@ -789,12 +762,8 @@ def main(argv=None) -> None:
         result["studies"].append(st)
     result["decode_alternatives"] = decode_alternatives(plans[models[0]]["pool"], 256, 5)
     result["findings"] = findings(result)
-    result["machine"]["load_average_at_end"] = [round(x, 2) for x in psutil.getloadavg()]
     stem = a.name or ("pipeline_efficiency_quick" if a.quick else "pipeline_efficiency")
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=float))
-    write_markdown(result, a.out / f"{stem}.md")
-    plot(result, a.out / f"{stem}.png")
+    record.save(result, a.out, stem, write_markdown, plot)
     print("\n".join(result["findings"]))
     print(f"wrote {a.out / stem}.json/.md/.png")
     ray.shutdown()

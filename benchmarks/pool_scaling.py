@@ -28,19 +28,17 @@ Measured per run:
 Targets: time per sample at 1M within 1.2x of 100k, peak PSS at 1M within 1.25x of 100k. Sizes run
 interleaved (10k, 100k, 1M, 100k, 10k) so a shared machine's load drifts hit both sides of a ratio.
 
-    python benchmarks/pool_scaling.py --quick     # 2k and 10k samples, < 2 minutes
+    python benchmarks/pool_scaling.py --quick     # smoke run (~40 s): 1k and 2k samples, 100 labeled, budget 100
     python benchmarks/pool_scaling.py             # 10k, 100k, 1M (~10 minutes); writes benchmarks/results/pool_scaling.*
+    python benchmarks/pool_scaling.py --quick --out /tmp/x   # write NAME.{json,md,png} elsewhere
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import datetime
-import importlib.metadata
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -54,48 +52,15 @@ import numpy as np
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
+import record  # benchmarks/record.py
 
 REPO = Path(__file__).resolve().parents[1]
 ROOT = Path("/tmp/ray_dal_bench")
 POOLS = ROOT / "synthetic"
 WORK = ROOT / "pool_scaling"
 RAY_DAL = Path(sys.executable).with_name("ray-dal")
-BUDGET, NUM_LABELED, NUM_SCORERS, MODEL = 500, 500, 2, "cnn"
+BUDGET, NUM_LABELED, NUM_SCORERS, MODEL = 500, 500, 2, "cnn"  # --quick: budget and labeled 100
 SESSION_RE = re.compile(r"session_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d+_\d+")
-
-
-# ----------------------------------------------------------------------------------------------------
-# machine
-
-
-def machine_info() -> dict:
-    cpu = "unknown"
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], capture_output=True, text=True, cwd=REPO).stdout.strip()
-        except OSError:
-            return None
-
-    def version(dist):
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    return {
-        "cpu": cpu, "logical_cores": psutil.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "load_average_at_start": [round(x, 2) for x in psutil.getloadavg()], "platform": platform.platform(),
-        "python": platform.python_version(), "torch": version("torch"), "ray": version("ray"),
-        "numpy": np.__version__, "pyarrow": pa.__version__, "psutil": psutil.__version__,
-        "dev_shm_gib": round(shutil.disk_usage("/dev/shm").total / 2**30, 1),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git("rev-parse", "HEAD"), "ray_dal_dirty": bool(git("status", "--porcelain", "ray_dal")),
-    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -121,6 +86,7 @@ def checkpoint() -> Path:
     path = WORK / "cnn_random_seed0.pt"
     if not path.exists():
         import torch
+
         from ray_dal.models import build_model
 
         torch.manual_seed(0)
@@ -129,8 +95,8 @@ def checkpoint() -> Path:
 
 
 def labeled_set(pool: Path, n: int) -> Path:
-    """500 ids drawn uniformly (seed 0) from the pool's rows, with the pool's labels."""
-    path = WORK / f"labeled_n{n}.parquet"
+    """NUM_LABELED (500) ids drawn uniformly (seed 0) from the pool's rows, with the pool's labels."""
+    path = WORK / (f"labeled_n{n}.parquet" if NUM_LABELED == 500 else f"labeled_n{n}_m{NUM_LABELED}.parquet")
     if not path.exists():
         ids = np.sort(np.random.default_rng(0).choice(n, NUM_LABELED, replace=False)).astype(np.int64)
         labels = np.concatenate([pq.read_table(f, columns=["label"])["label"].to_numpy()
@@ -382,7 +348,7 @@ def readahead_check(n: int, caps_mib: list[float | None]) -> dict:
     """
     import ray
     import torch
-    from ray.data import DataContext, ExecutionResources
+    from ray.data import DataContext
 
     from ray_dal.config import ScoringConfig
     from ray_dal.models import build_model
@@ -391,7 +357,7 @@ def readahead_check(n: int, caps_mib: list[float | None]) -> dict:
     from ray_dal.scoring import labeled_gradient
 
     pool, _ = synthetic_pool(n)
-    init_ray(no_progress_timeout_s=300)
+    init_ray(num_cpus=psutil.cpu_count(), no_progress_timeout_s=300)
     raylet = next(p for p in psutil.Process().children(recursive=True) if "raylet" in " ".join(p.cmdline()))
     torch.manual_seed(0)
     model = build_model(MODEL, 10).eval()
@@ -567,10 +533,13 @@ def findings(result: dict) -> list[str]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="2k and 10k samples, one run each (< 2 minutes)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 1k and 2k samples, one run each, 100 labeled, budget 100 "
+                        "(~40 s; mostly 2 Ray start-ups)")
     p.add_argument("--sizes", type=int, nargs="+", default=None)
     p.add_argument("--order", type=int, nargs="+", default=None, help="run order (sizes may repeat)")
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
+                   help="folder for NAME.json/.md/.png (default benchmarks/results)")
     p.add_argument("--name", default=None, help="output file stem (default pool_scaling[_quick])")
     p.add_argument("--readahead-check", type=Path, default=None, metavar="JSON",
                    help="run the object-store cap check (in-process score_pool on the 100k pool, default vs capped) "
@@ -588,11 +557,14 @@ def main(argv=None) -> None:
         write_markdown(result, path.with_suffix(".md"))
         plot(result, path.with_suffix(".png"))
         return
-    sizes = sorted(a.sizes or ([2_000, 10_000] if a.quick else [10_000, 100_000, 1_000_000]))
+    global BUDGET, NUM_LABELED
+    if a.quick:  # smoke run: same code paths, less to label and score (Ray's start-up dominates anyway)
+        BUDGET = NUM_LABELED = 100
+    sizes = sorted(a.sizes or ([1_000, 2_000] if a.quick else [10_000, 100_000, 1_000_000]))
     order = a.order or (sizes if a.quick else [sizes[0], sizes[1], sizes[2], sizes[1], sizes[0]] if len(sizes) == 3 else sizes)
     WORK.mkdir(parents=True, exist_ok=True)
     POOLS.mkdir(parents=True, exist_ok=True)
-    machine = machine_info()
+    machine = record.machine_info(dev_shm_gib=round(shutil.disk_usage("/dev/shm").total / 2**30, 1))
     pool_write = {}
     for n in sizes:
         path, seconds = synthetic_pool(n)
@@ -620,12 +592,8 @@ def main(argv=None) -> None:
               f"{max(0, r['machine_busy_cpu_s'] - r['tree_cpu_s']):.0f}s of {r['machine_capacity_cpu_s']:.0f}", flush=True)
     result = {"machine": machine, "settings": settings, "runs": runs, "summary": summarise(runs, sizes)}
     result["findings"] = findings(result)
-    result["machine"]["load_average_at_end"] = [round(x, 2) for x in psutil.getloadavg()]
     stem = a.name or ("pool_scaling_quick" if a.quick else "pool_scaling")
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=float))
-    write_markdown(result, a.out / f"{stem}.md")
-    plot(result, a.out / f"{stem}.png")
+    record.save(result, a.out, stem, write_markdown, plot)
     print("\n".join(result["findings"]))
     if "ratios" in result["summary"]:
         print(json.dumps(result["summary"]["ratios"], indent=1), json.dumps(result["summary"]["targets"]))

@@ -23,8 +23,9 @@ call; we report max over calls of (peak RSS - RSS just before the call), after g
 approximate: allocations shorter than the sampling interval can be missed, and memory the allocator
 reuses without returning to the OS is not seen as new.
 
-    python benchmarks/scoring_cost.py --quick          # smoke run, < 2 minutes
+    python benchmarks/scoring_cost.py --quick          # smoke run (~20 s): cnn at B=16, 1 repeat, every method
     python benchmarks/scoring_cost.py                  # full run: writes benchmarks/results/scoring_cost.*
+    python benchmarks/scoring_cost.py --quick --out /tmp/x   # write NAME.{json,md,png} elsewhere
 """
 
 from __future__ import annotations
@@ -32,20 +33,16 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
-import datetime
 import gc
-import importlib.metadata
 import json
-import platform
 import statistics
-import subprocess
 import threading
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import psutil
+import record  # benchmarks/record.py
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -69,6 +66,8 @@ RATIOS = {  # name -> (numerator, denominator)
 }
 GAMMA = 2.0
 NUM_CLASSES = 10
+AGREEMENT_TOL = 1e-2  # max_rel_diff above this = a method computes something else (float32 noise is <= ~1e-3)
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -291,6 +290,29 @@ def bench_cell(name, model, bp_model, bp_loss, G, G_last, f64, B, args, gen) -> 
     return cell
 
 
+def agreement(result: dict, methods: list[str]) -> dict:
+    """Did every scored method run (or get deliberately skipped) and agree with ray_dal_all and with float64
+    truth within AGREEMENT_TOL?"""
+    worst, not_run, skipped = {}, [], []
+    for c in result["cells"]:
+        for m in methods:
+            e = c["methods"].get(m, {})
+            if e.get("status") != "ok":  # a deliberate skip (--loop-max-batch, --max-per-sample-gb) is no failure
+                status = e.get("status", "missing")
+                (skipped if status.startswith("not measured") else not_run).append(
+                    f"{c['model']} B={c['batch_size']} {m}: {status}")
+                continue
+            for k in ("vs_ray_dal_all", "vs_float64", "vs_vmap_last"):
+                if "max_rel_diff_" + k in e:
+                    worst[f"{m} {k}"] = max(worst.get(f"{m} {k}", 0.0), e["max_rel_diff_" + k])
+    for name, a in result["float64_anchor"].items():
+        for k in ("ray_dal_all_f32", "ray_dal_all_f64", "vmap_f32", "loop_f32"):
+            worst[f"anchor {k}"] = max(worst.get(f"anchor {k}", 0.0), a[k])
+    bad = {k: v for k, v in worst.items() if not v <= AGREEMENT_TOL}
+    return {"tolerance": AGREEMENT_TOL, "max_rel_diff": worst, "not_run": not_run, "skipped": skipped,
+            "over_tolerance": bad, "ok": not bad and not not_run}
+
+
 def float64_anchor(model, G, gen, n=8) -> dict:
     """ray_dal_all (float32) and the float32 oracles against a float64 per-sample loop on n samples."""
     x = torch.randn(n, 3, 32, 32, generator=gen)
@@ -306,33 +328,6 @@ def float64_anchor(model, G, gen, n=8) -> dict:
     }
 
 
-def machine_info(threads: int) -> dict:
-    cpu = "unknown"
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
-        except OSError:
-            return None
-
-    def version(dist):
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    return {
-        "cpu": cpu, "logical_cores": psutil.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "load_average_at_start": list(psutil.getloadavg()), "platform": platform.platform(),
-        "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-        "backpack": version("backpack-for-pytorch"),
-        "psutil": psutil.__version__, "matplotlib": version("matplotlib"), "torch_threads": threads, "date_utc": datetime.datetime.utcnow().isoformat() + "Z",
-        "git_commit": git("rev-parse", "HEAD"), "ray_dal_scoring_dirty": bool(git("status", "--porcelain", "ray_dal")),
-    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -365,7 +360,7 @@ def write_markdown(result: dict, path: Path) -> None:
         *(["**PARTIAL: the run did not finish; these are the cells it measured.**", ""] if result.get("partial") else []),
         f"{info['cpu']}, {info['logical_cores']} logical cores, torch {info['torch']} ({info['torch_threads']} threads), "
         f"numpy {info['numpy']}, backpack-for-pytorch {info['backpack']}, {info['date_utc']}, "
-        f"commit {str(info['git_commit'])[:8]}{' (ray_dal modified)' if info['ray_dal_scoring_dirty'] else ''}. "
+        f"commit {str(info['git_commit'])[:8]}{' (ray_dal modified)' if info['ray_dal_dirty'] else ''}. "
         f"Load average at start {info['load_average_at_start']} (shared machine: expect noise).",
         f"Settings: {json.dumps(result['settings'])}", "",
         "Seconds are medians (n = repeats); ratios are ratios of medians from the same process. "
@@ -418,6 +413,11 @@ def write_markdown(result: dict, path: Path) -> None:
     for name, a in result["float64_anchor"].items():
         lines.append(f"| {name} | {a['ray_dal_all_f32']:.1e} | {a['ray_dal_all_f64']:.1e} | {a['vmap_f32']:.1e} "
                      f"| {a['loop_f32']:.1e} |")
+    ag = result.get("agreement")
+    if ag:
+        lines += ["", f"Agreement check (every method ran, every max_rel_diff <= {ag['tolerance']:g}): "
+                  + ("passed." if ag["ok"] else "**FAILED**: " + "; ".join(
+                      ag["not_run"] + [f"{k} {v:.1e}" for k, v in ag["over_tolerance"].items()]))]
     lines += ["", "BackPACK on the models as built (the timed BackPACK copy has in-place ReLUs switched off):", ""]
     for name, note in result["backpack_on_unmodified_model"].items():
         lines.append(f"- {name}: {'runs' if note is None else 'raises ' + note}")
@@ -463,11 +463,12 @@ def write_all(result: dict, out: Path, stem: str, partial: bool) -> None:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke run: cnn + resnet18 at B=32, 2 repeats")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: cnn at B=16, 1 repeat, every method and the agreement check")
     p.add_argument("--models", nargs="+", default=None)
     p.add_argument("--batch-sizes", nargs="+", type=int, default=None)
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    p.add_argument("--repeats", type=int, default=None, help="timed repetitions (default 5; quick 2)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repetitions (default 5; quick 1)")
     p.add_argument("--slow-repeats", type=int, default=None,
                    help="repetitions for vmap/loop/backpack (default 2; quick 1)")
     p.add_argument("--loop-max-batch", type=int, default=256, help="time `loop` only up to this batch size")
@@ -476,7 +477,8 @@ def main(argv=None) -> dict:
                         "this many GiB (their peak is 1.5-2x that); vmap_chunked still runs")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
+                   help="folder for NAME.json/.md/.png (default benchmarks/results)")
     p.add_argument("--name", default=None, help="output file stem (default scoring_cost, quick: scoring_cost_quick)")
     p.add_argument("--from-json", type=Path, default=None, help="only rewrite the .md and .png of an earlier run's JSON")
     args = p.parse_args(argv)
@@ -485,9 +487,9 @@ def main(argv=None) -> dict:
         write_markdown(result, args.from_json.with_suffix(".md"))
         write_plot(result, args.from_json.with_suffix(".png"))
         return result
-    args.models = args.models or (["cnn", "resnet18"] if args.quick else ["cnn", "resnet18", "vgg11"])
-    args.batch_sizes = args.batch_sizes or ([32] if args.quick else [32, 64, 128, 256])
-    args.repeats = args.repeats or (2 if args.quick else 5)
+    args.models = args.models or (["cnn"] if args.quick else ["cnn", "resnet18", "vgg11"])
+    args.batch_sizes = args.batch_sizes or ([16] if args.quick else [32, 64, 128, 256])
+    args.repeats = args.repeats or (1 if args.quick else 5)
     args.slow_repeats = min(args.repeats, args.slow_repeats or (1 if args.quick else 2))
     stem = args.name or ("scoring_cost_quick" if args.quick else "scoring_cost")
 
@@ -496,7 +498,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     result = {
-        "machine": machine_info(args.threads),
+        "machine": record.machine_info(torch_threads=args.threads),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "definitions": {
             "median_s": "median wall seconds of one call over n timed repetitions (after one warm-up call)",
@@ -527,6 +529,9 @@ def main(argv=None) -> dict:
             write_all(result, args.out, stem, partial=True)  # a killed run still leaves what it measured
             print(f"{name} B={B}: " + ", ".join(f"{m} {fmt_s(e)}s" for m, e in cell["methods"].items())
                   + " | " + ", ".join(f"{k} {v:.2f}" for k, v in cell["ratios"].items() if v is not None), flush=True)
+    result["agreement"] = agreement(result, [m for m in args.methods if m in SCORED])
+    ok = result["agreement"]["ok"]
+    print("agreement check " + ("passed" if ok else f"FAILED: {result['agreement']}"), flush=True)
     result["total_wall_s"] = round(time.perf_counter() - started, 1)
     result["machine"]["load_average_at_end"] = list(psutil.getloadavg())
 

@@ -1,0 +1,105 @@
+"""Smoke runs of every benchmark's `--quick` mode (benchmarks/*.py), writing to a tmp folder.
+
+Each script runs as a subprocess (its own torch threads and, where it uses Ray, its own local Ray: RAY_ADDRESS
+is removed from its environment so it never joins the session's `ray_local` cluster). These check that every
+code path of the full run still works and the outputs are well formed; they assert nothing about timings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_quick(script: str, out: Path, *extra: str) -> dict:
+    """Run benchmarks/SCRIPT --quick --out OUT; return NAME_quick.json parsed, after checking .md and .png."""
+    before = committed_results()
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, str(REPO / "benchmarks" / script), "--quick", "--out", str(out), *extra]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout (tail) ---\n{proc.stdout[-4000:]}"
+                    f"\n--- stderr (tail) ---\n{proc.stderr[-4000:]}")
+    stem = out / f"{Path(script).stem}_quick"
+    result = json.loads(stem.with_suffix(".json").read_text())
+    assert "settings" in result and result["settings"]["quick"] is True
+    md = stem.with_suffix(".md").read_text().splitlines()
+    assert any(line.startswith("|---") for line in md), "the .md has no table"
+    assert any(line.startswith("| ") for line in md)
+    assert stem.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
+    assert committed_results() == before, "a --quick --out run touched benchmarks/results"
+    return result
+
+
+def committed_results() -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in (REPO / "benchmarks" / "results").glob("*")}
+
+
+@pytest.mark.slow
+def test_scoring_cost_quick(tmp_path):
+    r = run_quick("scoring_cost.py", tmp_path)
+    assert r["machine"]["torch"] and r["machine"]["backpack"] and r["machine"]["git_commit"] is not None
+    assert r["partial"] is False and r["cells"]
+    methods = ["train_step", "forward", "ray_dal_all", "ray_dal_last", "vmap", "vmap_chunked", "loop", "backpack"]
+    for cell in r["cells"]:
+        for m in methods:  # every method ran, none skipped or raised
+            assert cell["methods"][m]["status"] == "ok", (cell["model"], cell["batch_size"], m, cell["methods"][m])
+        for m in ("vmap", "vmap_chunked", "loop", "backpack"):
+            assert "max_rel_diff_vs_ray_dal_all" in cell["methods"][m]
+        assert all(cell["ratios"][k] is not None for k in cell["ratios"])
+    assert r["agreement"]["ok"], r["agreement"]
+    assert set(r["float64_anchor"]) == set(r["settings"]["models"])
+
+
+@pytest.mark.slow
+def test_layer_choice_quick(tmp_path):
+    r = run_quick("layer_choice.py", tmp_path)
+    assert r["torch"] and r["machine"] and r["date_utc"]
+    assert len(r["layers"]) >= 2  # every distinct conv shape of the quick model
+    for row in r["layers"]:
+        assert set(row["seconds"]) == {"ghost", "materialize", "weight_grad"}
+        assert row["winner"] in ("ghost", "materialize") and row["current_rule"] in ("ghost", "materialize")
+    assert r["summary"]["shapes_x_batch"] == len(r["layers"])
+    (e2e,) = r["end_to_end"]
+    assert set(e2e["seconds"]) == {"train_step", "auto", "ghost", "materialize", "auto_previous_rule"}
+    assert all(v < 1e-2 for v in e2e["max_rel_diff_vs_auto"].values()), e2e["max_rel_diff_vs_auto"]
+
+
+@pytest.mark.slow
+def test_pipeline_efficiency_quick(tmp_path, cifar10_dir):
+    r = run_quick("pipeline_efficiency.py", tmp_path, "--data-dir", str(cifar10_dir))
+    assert r["machine"]["torch"] and r["machine"]["ray"] and r["machine"]["git_commit"] is not None
+    (st,) = r["studies"]
+    assert {"1", "2"} <= set(st["summary"])
+    for k in ("1", "2"):
+        s = st["summary"][k]
+        assert s["efficiency"] > 0 and s["rate"] > 0 and s["n"] == 1
+    assert st["summary"]["speedup_2_vs_1"] > 0
+    assert all(run["num_scored"] == st["pool_rows"] for run in st["runs"])
+    assert any("parallel_inprocess" in run for run in st["runs"])  # the k-process baseline ran
+    assert r["decode_alternatives"]["status"] == "ok"
+    assert r["findings"]
+
+
+@pytest.mark.slow
+def test_pool_scaling_quick(tmp_path):
+    r = run_quick("pool_scaling.py", tmp_path)
+    assert r["machine"]["torch"] and r["machine"]["ray"]
+    sizes = r["settings"]["sizes"]
+    assert len(sizes) == 2
+    assert sorted(run["n"] for run in r["runs"]) == sizes  # one run per size
+    for n in sizes:
+        s = r["summary"][str(n)]
+        assert s["runs"] == 1 and s["wall_s"] > 0 and s["peak_total_mib"] > 0
+    assert {"wall_time_per_sample", "peak_memory"} <= set(r["summary"]["ratios"])
+    for run in r["runs"]:
+        assert run["num_scored"] == run["n"] - r["settings"]["labeled"]
