@@ -1,6 +1,7 @@
 """Run (or resume) a study: variants x seeds of one experiment, then its learning curves and table.
 
     python jobs/study.py configs/study_cifar10.yaml --data-dir ../shared/data/cifar10
+    python jobs/study.py configs/study_cifar10.yaml --seeds 2          # only seed 2 (e.g. one seed per machine)
     python jobs/study.py configs/study_cifar10.yaml --report-only      # summarise what has finished
 
 Writes study.json / study.md / study.png into --report (default: the study's out folder).
@@ -8,6 +9,7 @@ Writes study.json / study.md / study.png into --report (default: the study's out
 
 import argparse
 import logging
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -22,6 +24,7 @@ def main(argv=None):
     parser.add_argument("--data-dir", help="override data.data_dir of every run")
     parser.add_argument("--out", help="override the study's out folder")
     parser.add_argument("--variants", nargs="+", help="run only these variants")
+    parser.add_argument("--seeds", nargs="+", type=int, help="run only these of the study's seeds")
     parser.add_argument("--report", type=Path, help="folder for study.json/.md/.png (default: the out folder)")
     parser.add_argument("--report-only", action="store_true", help="only summarise the runs that finished")
     args = parser.parse_args(argv)
@@ -30,10 +33,11 @@ def main(argv=None):
     if args.out:
         study.out = args.out
     if not args.report_only:
-        run_study(study, base, args.variants)
+        run_study(study, base, args.variants, args.seeds)
     command = "python jobs/study.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     report = args.report or Path(study.out)
-    write_report(study, summarize(study, base), report, command.replace(" --report-only", ""))
+    command = re.sub(r" --(report-only|seeds [0-9 ]+|variants [^-]+)(?= --|$)", "", command)  # the whole study
+    write_report(study, summarize(study, base), report, command)
     print(f"study report in {report}")
 
 

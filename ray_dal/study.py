@@ -84,15 +84,20 @@ def run_config(study: StudyConfig, base: Path, variant: str, seed: int) -> Exper
         raise ConfigError(f"study variant {variant!r}: {error}") from None
 
 
-def run_study(study: StudyConfig, base: Path, variants: list[str] | None = None) -> None:
-    """Run (or resume) every seed x variant of ``study`` (only ``variants`` if given), seeds outermost."""
+def run_study(study: StudyConfig, base: Path, variants: list[str] | None = None,
+              seeds: list[int] | None = None) -> None:
+    """Run (or resume) every seed x variant of ``study`` (only ``variants`` / ``seeds`` if given), seeds outermost."""
     from .loop import run_experiment  # Ray is imported only when runs are made
 
     names = variants or list(study.variants)
     missing = sorted(set(names) - set(study.variants))
     if missing:
         raise ConfigError(f"variants {missing} are not in the study; it has {list(study.variants)}")
-    for seed in study.seeds:
+    seeds = study.seeds if seeds is None else seeds
+    missing = sorted(set(seeds) - set(study.seeds))
+    if missing:
+        raise ConfigError(f"seeds {missing} are not in the study; it has {study.seeds}")
+    for seed in seeds:
         for name in names:
             log.info("study: %s, seed %d", name, seed)
             run_experiment(run_config(study, base, name, seed))

@@ -48,7 +48,12 @@ def test_aulc_is_the_mean_accuracy_over_the_label_range():
 
 def test_a_study_runs_every_variant_and_seed_and_summarises_them(ray_local, study_file, tmp_path):
     job = study_job()
-    job.main([str(study_file)])
+    job.main([str(study_file), "--seeds", "1"])  # one seed first (as on one of several machines)
+    assert sorted(p.name for p in (tmp_path / "runs").glob("*/seed_*")) == ["seed_1", "seed_1"]
+    partial = json.loads((tmp_path / "runs" / "study.json").read_text())
+    assert partial["variants"]["margin"]["seeds"] == [1] and partial["variants"]["margin"]["incomplete_seeds"] == [0]
+    assert partial["command"] == f"python jobs/study.py {study_file}"  # reproduces the whole study
+    job.main([str(study_file)])  # the rest: seed 0
     report = json.loads((tmp_path / "runs" / "study.json").read_text())["variants"]
     for name in ("random", "margin"):
         curves = []
@@ -86,3 +91,5 @@ def test_bad_study_files_are_refused_before_anything_runs(tmp_path, study_file):
         bad.write_text(yaml.safe_dump({**values, **change}))
         with pytest.raises(ConfigError, match=message):
             load_study(bad)
+    with pytest.raises(ConfigError, match=r"seeds \[7\] are not in the study"):
+        study_job().main([str(study_file), "--seeds", "7"])
