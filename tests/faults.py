@@ -43,13 +43,15 @@ class KillMidScoring:
 
     ``candidates()`` returns ``{pid: tag}`` of the scorer processes that may be killed (polled every
     0.2 s); ``kill(pid, tag)`` does the deed (default SIGKILL). A batch is seen finished when the
-    process title goes busy -> idle, so the kill lands mid-way through a later batch. Use as a
+    process title goes busy -> idle, so the kill lands mid-way through a later batch. On a loaded
+    machine that idle moment can be too short to see (Ray queues the next batch on the actor), so an
+    actor seen busy for ``busy_s`` in all is killed as well: by then it is well into its work. Use as a
     context manager around the scoring call; ``killed`` is the victim's pid (None: no kill happened).
     """
 
     def __init__(self, candidates: Callable[[], dict[int, object]], kill: Callable[[int, object], None] | None = None,
-                 timeout_s: float = 600):
-        self.candidates, self.timeout_s = candidates, timeout_s
+                 timeout_s: float = 600, busy_s: float = 0.5):
+        self.candidates, self.timeout_s, self.busy_s = candidates, timeout_s, busy_s
         self.kill = kill or (lambda pid, tag: os.kill(pid, signal.SIGKILL))
         self.killed: int | None = None
         self.tag = None
@@ -66,16 +68,20 @@ class KillMidScoring:
 
     def _watch(self) -> None:
         phase: dict[int, int] = {}  # 0: not seen busy, 1: busy, 2: finished a batch
+        busy_for: dict[int, float] = {}  # seconds each actor was seen busy
         tags: dict[int, object] = {}
-        deadline, next_scan = time.monotonic() + self.timeout_s, 0.0
+        deadline, next_scan, last = time.monotonic() + self.timeout_s, 0.0, time.monotonic()
         while not self._stop.is_set() and time.monotonic() < deadline:
-            if time.monotonic() >= next_scan:
+            now = time.monotonic()
+            step, last = now - last, now
+            if now >= next_scan:
                 tags.update(self.candidates())
-                next_scan = time.monotonic() + 0.2
+                next_scan = now + 0.2
             for pid, tag in tags.items():
                 busy = b").submit" in title(pid)
                 state = phase.setdefault(pid, 0)
-                if state == 2 and busy:
+                busy_for[pid] = busy_for.get(pid, 0.0) + (step if busy and state else 0.0)
+                if busy and (state == 2 or busy_for[pid] >= self.busy_s):
                     self.kill(pid, tag)
                     self.killed, self.tag = pid, tag
                     return
