@@ -455,10 +455,7 @@ def write_plot(result: dict, path: Path) -> None:
 
 def write_all(result: dict, out: Path, stem: str, partial: bool) -> None:
     result["partial"] = partial
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    write_markdown(result, out / f"{stem}.md")
-    write_plot(result, out / f"{stem}.png")
+    record.save(result, out, stem, write_markdown, write_plot)
 
 
 def main(argv=None) -> dict:
@@ -533,8 +530,6 @@ def main(argv=None) -> dict:
     ok = result["agreement"]["ok"]
     print("agreement check " + ("passed" if ok else f"FAILED: {result['agreement']}"), flush=True)
     result["total_wall_s"] = round(time.perf_counter() - started, 1)
-    result["machine"]["load_average_at_end"] = list(psutil.getloadavg())
-
     write_all(result, args.out, stem, partial=False)
     print(f"wrote {args.out}/{stem}.{{json,md,png}} in {result['total_wall_s']} s")
     return result

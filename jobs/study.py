@@ -9,13 +9,25 @@ Writes study.json / study.md / study.png into --report (default: the study's out
 
 import argparse
 import logging
-import re
 import shlex
 import sys
 from pathlib import Path
 
 from ray_dal.errors import exit_on_user_error
 from ray_dal.study import load_study, run_study, summarize, write_report
+
+SUBSET_FLAGS = ("--seeds", "--variants", "--report-only")
+
+
+def whole_study(argv: list[str]) -> list[str]:
+    """``argv`` without the flags that pick a part of the study (and their values): the command for all of it."""
+    kept, dropping = [], False
+    for arg in argv:
+        if arg.startswith("--"):
+            dropping = arg.split("=", 1)[0] in SUBSET_FLAGS
+        if not dropping:
+            kept.append(arg)
+    return kept
 
 
 def main(argv=None):
@@ -34,9 +46,9 @@ def main(argv=None):
         study.out = args.out
     if not args.report_only:
         run_study(study, base, args.variants, args.seeds)
-    command = "python jobs/study.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python jobs/study.py " + " ".join(shlex.quote(a) for a in whole_study(argv if argv is not None
+                                                                                       else sys.argv[1:]))
     report = args.report or Path(study.out)
-    command = re.sub(r" --(report-only|seeds [0-9 ]+|variants [^-]+)(?= --|$)", "", command)  # the whole study
     write_report(study, summarize(study, base), report, command)
     print(f"study report in {report}")
 

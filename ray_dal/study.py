@@ -89,18 +89,19 @@ def run_study(study: StudyConfig, base: Path, variants: list[str] | None = None,
     """Run (or resume) every seed x variant of ``study`` (only ``variants`` / ``seeds`` if given), seeds outermost."""
     from .loop import run_experiment  # Ray is imported only when runs are made
 
-    names = variants or list(study.variants)
-    missing = sorted(set(names) - set(study.variants))
-    if missing:
-        raise ConfigError(f"variants {missing} are not in the study; it has {list(study.variants)}")
-    seeds = study.seeds if seeds is None else seeds
-    missing = sorted(set(seeds) - set(study.seeds))
-    if missing:
-        raise ConfigError(f"seeds {missing} are not in the study; it has {study.seeds}")
-    for seed in seeds:
+    names = _part("variants", variants or list(study.variants), list(study.variants))
+    for seed in _part("seeds", study.seeds if seeds is None else seeds, study.seeds):
         for name in names:
             log.info("study: %s, seed %d", name, seed)
             run_experiment(run_config(study, base, name, seed))
+
+
+def _part(what: str, chosen: list, available: list) -> list:
+    """``chosen``, once every one of them is among the study's ``available`` ones; else ConfigError."""
+    missing = sorted(set(chosen) - set(available))
+    if missing:
+        raise ConfigError(f"{what} {missing} are not in the study; it has {available}")
+    return chosen
 
 
 # ------------------------------------------------------------------------------------------ summary

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ray_dal.data.convert import Layout, array_chunks, write_pool
+from ray_dal.data.convert import Layout, convert_arrays
 from ray_dal.data.pools import PoolError
 
 BATCHES = "cifar-10-batches-py"
@@ -31,8 +31,7 @@ def find_batches(data_dir: Path) -> Path | None:
 
 def convert_batches(batches: Path, out_dir: Path) -> tuple[Path, Path]:
     """Write the batch files as ``out_dir/train.parquet`` and ``out_dir/test.parquet`` (each once)."""
-    return tuple(_convert(batches, names, out_dir / f"{split}.parquet")
-                 for split, names in (("train", TRAIN_FILES), ("test", TEST_FILES)))
+    return convert_arrays(out_dir, lambda split: _load_split(batches, TRAIN_FILES if split == "train" else TEST_FILES))
 
 
 def download(data_dir: Path) -> None:
@@ -73,11 +72,7 @@ def _load_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data, labels
 
 
-def _convert(batches: Path, names: tuple[str, ...], out: Path) -> Path:
-    """Write the batches ``names`` as one Parquet pool at ``out`` (once)."""
-    if out.is_file():
-        return out
+def _load_split(batches: Path, names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The batches ``names`` as (images uint8 [N, 32, 32, 3], labels [N])."""
     loaded = [_load_batch(batches / n) for n in names]
-    images = np.concatenate([d for d, _ in loaded])
-    labels = np.concatenate([lab for _, lab in loaded])
-    return write_pool(out, array_chunks(images, labels))
+    return np.concatenate([d for d, _ in loaded]), np.concatenate([lab for _, lab in loaded])

@@ -127,6 +127,20 @@ def array_chunks(images: np.ndarray, labels: np.ndarray, ids: np.ndarray | None 
         yield {**chunk, IMAGE: [encode_png(im) for im in images[part]], LABEL: labels[part]}
 
 
+def convert_arrays(out_dir: Path, load: Callable[[str], tuple[np.ndarray, np.ndarray]],
+                   ids: bool = False) -> tuple[Path, Path]:
+    """``out_dir/{train,test}.parquet`` from ``load(split)`` -> (uint8 images [N, H, W, 3], labels [N]), each file
+    written once (``load`` runs only for a missing one); ``ids`` also writes the row index as an id column."""
+    paths = []
+    for split in ("train", "test"):
+        out = out_dir / f"{split}.parquet"
+        if not out.is_file():
+            images, labels = load(split)
+            write_pool(out, array_chunks(images, labels, np.arange(len(labels), dtype=np.int64) if ids else None))
+        paths.append(out)
+    return paths[0], paths[1]
+
+
 def write_pool(out: Path, chunks: Iterable[Mapping[str, Any]]) -> Path:
     """Write ``chunks`` (column name -> values; one row group each) as the Parquet file ``out``, once.
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ray_dal.data.convert import Layout, array_chunks, write_pool
+from ray_dal.data.convert import Layout, convert_arrays
 from ray_dal.data.pools import PoolError
 
 FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
@@ -26,14 +26,7 @@ def find_mat_files(data_dir: Path) -> Path | None:
 
 def convert_mat_files(folder: Path, out_dir: Path) -> tuple[Path, Path]:
     """Write ``train_32x32.mat`` and ``test_32x32.mat`` as ``out_dir/{train,test}.parquet`` (each once)."""
-    paths = []
-    for split, name in FILES.items():
-        out = out_dir / f"{split}.parquet"
-        if not out.is_file():
-            images, labels = load_mat(folder / name)
-            write_pool(out, array_chunks(images, labels, np.arange(len(labels), dtype=np.int64)))
-        paths.append(out)
-    return paths[0], paths[1]
+    return convert_arrays(out_dir, lambda split: load_mat(folder / FILES[split]), ids=True)
 
 
 def load_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
