@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import pickle
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -31,6 +33,7 @@ from ray_dal.data import (
     synthetic,
     write_synthetic_pool,
 )
+from ray_dal.data.transforms import _decode_jpegs, _decode_pil
 
 
 def encode(image: np.ndarray, fmt: str = "PNG") -> bytes:
@@ -180,6 +183,20 @@ def test_normalize_matches_hand_computation():
         normalize(images.astype(np.float32))
 
 
+def test_normalize_lookup_is_the_float32_arithmetic_bit_for_bit():
+    every_value = np.arange(256 * 3, dtype=np.int64).reshape(1, 16, 16, 3) % 256
+    images = np.concatenate([every_value, random_images(3, 16, 16, seed=7)]).astype(np.uint8)
+    for transform in (ImageTransform(), ImageTransform(mean=(0.1, 0.5, 0.9), std=(0.3, 0.05, 1.7))):
+        expected = images.astype(np.float32)
+        expected /= 255.0
+        expected -= np.asarray(transform.mean, dtype=np.float32)
+        expected /= np.asarray(transform.std, dtype=np.float32)
+        x = normalize(images, transform)
+        assert x.is_contiguous() and x.numpy().flags.writeable
+        np.testing.assert_array_equal(x.numpy(), expected.transpose(0, 3, 1, 2))
+    assert tuple(normalize(images[:0]).shape) == (0, 3, 16, 16)
+
+
 def test_decode_images_bad_inputs():
     good = random_images(4, seed=4)
     gray = good[3, :, :, 0]
@@ -205,6 +222,62 @@ def test_decode_images_bad_inputs():
     np.testing.assert_array_equal(keep, [False, True, False])
     with pytest.raises(ValueError, match="on_bad='ignore' is invalid"):
         decode_images(blobs, on_bad="ignore")
+
+
+def _pil_reference(blobs) -> np.ndarray:
+    return np.stack([_decode_pil(b) for b in blobs])
+
+
+def test_jpeg_fast_path_is_pil_exact_on_real_cifar10(cifar10_dir):
+    blobs = pq.read_table(cifar10_dir / "train.parquet", columns=["image"]).slice(0, 2000)["image"].to_pylist()
+    assert sorted(_decode_jpegs(blobs)) == list(range(len(blobs)))  # every image took the libjpeg-turbo path
+    images, keep = decode_images(blobs)
+    assert keep.all()
+    np.testing.assert_array_equal(images, _pil_reference(blobs))
+
+
+def test_jpeg_fast_path_is_pil_exact_on_every_jpeg_kind():
+    photo = random_images(1, 37, 53, seed=9)[0]  # odd sizes: partial MCUs at the borders
+    photo[:, :20] //= 3  # some structure, not only noise
+    variants = {f"subsampling {ss}": dict(subsampling=ss, quality=q) for ss, q in ((0, 95), (1, 85), (2, 70))}
+    variants["progressive"] = dict(progressive=True, quality=80)
+    blobs = []
+    for kwargs in variants.values():
+        buf = io.BytesIO()
+        Image.fromarray(photo).save(buf, format="JPEG", **kwargs)
+        blobs.append(buf.getvalue())
+    for mode in ("L", "CMYK"):
+        buf = io.BytesIO()
+        Image.fromarray(photo).convert(mode).save(buf, format="JPEG")
+        blobs.append(buf.getvalue())
+    assert sorted(_decode_jpegs(blobs)) == list(range(len(blobs)))
+    images, keep = decode_images(blobs)
+    np.testing.assert_array_equal(images, _pil_reference(blobs))
+    # resize after the fast decode is PIL's bilinear resize of PIL's pixels
+    resized, _ = decode_images(blobs, transform=ImageTransform((20, 24), resize=True))
+    expected = [np.asarray(Image.fromarray(im).resize((24, 20), Image.BILINEAR)) for im in _pil_reference(blobs)]
+    np.testing.assert_array_equal(resized, np.stack(expected))
+
+
+def test_jpeg_fast_path_does_not_import_torchvision(tmp_path):
+    # importing torchvision costs ~1.5 s in every fresh Ray worker; the decoder op is loaded on its own
+    blob = encode(random_images(1, seed=8)[0], "JPEG")
+    script = ("import sys; from ray_dal.data.transforms import _decode_jpegs; "
+              f"assert list(_decode_jpegs([{blob!r}])) == [0]; assert 'torchvision' not in sys.modules")
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+
+
+def test_jpeg_fast_path_leaves_bad_jpegs_to_pil():
+    good = [encode(im, "JPEG") for im in random_images(3, seed=6)]
+    truncated = good[1][: len(good[1]) // 2]
+    blobs = [good[0], truncated, b"\xff\xd8\xff not a jpeg", good[2]]
+    assert sorted(_decode_jpegs(blobs)) == [0, 3]  # one bad image does not fail the others
+    with pytest.raises(ImageDecodeError) as err:
+        decode_images(blobs, [10, 11, 12, 13])
+    assert err.value.bad_ids == [11, 12] and all(r.startswith("undecodable: ") for r in err.value.reasons)
+    images, keep = decode_images(blobs, on_bad="skip")
+    np.testing.assert_array_equal(keep, [True, False, False, True])
+    np.testing.assert_array_equal(images, _pil_reference([good[0], good[2]]))
 
 
 def test_preprocess_batch_skip_keeps_rows_aligned():

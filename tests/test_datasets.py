@@ -225,7 +225,7 @@ def test_data_image_size_setting(value, ok):
 
 # ---- the jobs end to end on tiny generated data (real local Ray) -----------------------------------------
 
-TINY_RUN = ["--initial", "20", "--budget", "10", "--rounds", "1", "--epochs", "1", "--num-workers", "1",
+TINY_RUN = ["--initial", "20", "--budget", "10", "--rounds", "1", "--epochs", "1", "--num-workers", "0",
             "--num-scorers", "1", "--seed", "1"]
 
 
