@@ -138,7 +138,8 @@ def test_too_few_candidates_for_the_budget_is_a_config_error(setting):
 
 def test_albl_job_runs_end_to_end_and_a_resumed_run_continues_the_same_bandit(ray_local, cifar10_slice, tmp_path):
     out = tmp_path / "albl"
-    run_job(["--data-dir", str(cifar10_slice), "--out", str(out), *JOB_ARGS, "--strategy", "albl"])
+    args = [*JOB_ARGS, "--strategy", "albl", "--num-workers", "0"]  # the bandit, not Ray Train, is under test
+    run_job(["--data-dir", str(cifar10_slice), "--out", str(out), *args])
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["albl"]["reward"] is None for m in metrics[:2]] == [True, False] and "albl" not in metrics[2]
     run = RunDir(out)
@@ -148,5 +149,5 @@ def test_albl_job_runs_end_to_end_and_a_resumed_run_continues_the_same_bandit(ra
         assert np.array_equal(run.load(r + 1).labeled_ids, np.union1d(before, query))
     resumed = tmp_path / "resumed"  # as if killed after round 0: round 1's bandit must continue from round 0's
     shutil.copytree(out, resumed, ignore=shutil.ignore_patterns("ray_train", "round_001", "round_002"))
-    run_job(["--data-dir", str(cifar10_slice), "--out", str(resumed), *JOB_ARGS, "--strategy", "albl"])
+    run_job(["--data-dir", str(cifar10_slice), "--out", str(resumed), *args])
     assert_same_run(resumed, out)
