@@ -411,7 +411,7 @@ def profile_actor(pool: Path, name: str, model, g, k: int, batch_size: int, budg
 
 
 PHASES = [  # first match wins, checked against the whole stack
-    ("decode", ("decode_images", "_decode_pil", "_decode_jpegs", "preprocess_batch", "normalize")),
+    ("decode", ("decode_images", "_decode_pil", "_decode_jpeg", "preprocess_batch", "normalize")),
     ("dynamic_scores", ("dynamic_scores",)),
     ("top_b", ("top_b",)),
     ("exclude_isin", ("isin",)),

@@ -33,7 +33,7 @@ from ray_dal.data import (
     synthetic,
     write_synthetic_pool,
 )
-from ray_dal.data.transforms import _decode_jpegs, _decode_pil
+from ray_dal.data.transforms import _decode_jpeg, _decode_pil
 
 
 def encode(image: np.ndarray, fmt: str = "PNG") -> bytes:
@@ -228,9 +228,13 @@ def _pil_reference(blobs) -> np.ndarray:
     return np.stack([_decode_pil(b) for b in blobs])
 
 
+def _fast_path_taken(blobs) -> list[bool]:
+    return [_decode_jpeg(b) is not None for b in blobs]
+
+
 def test_jpeg_fast_path_is_pil_exact_on_real_cifar10(cifar10_dir):
     blobs = pq.read_table(cifar10_dir / "train.parquet", columns=["image"]).slice(0, 2000)["image"].to_pylist()
-    assert sorted(_decode_jpegs(blobs)) == list(range(len(blobs)))  # every image took the libjpeg-turbo path
+    assert all(_fast_path_taken(blobs))  # every image took the libjpeg-turbo path
     images, keep = decode_images(blobs)
     assert keep.all()
     np.testing.assert_array_equal(images, _pil_reference(blobs))
@@ -250,7 +254,7 @@ def test_jpeg_fast_path_is_pil_exact_on_every_jpeg_kind():
         buf = io.BytesIO()
         Image.fromarray(photo).convert(mode).save(buf, format="JPEG")
         blobs.append(buf.getvalue())
-    assert sorted(_decode_jpegs(blobs)) == list(range(len(blobs)))
+    assert all(_fast_path_taken(blobs))
     images, keep = decode_images(blobs)
     np.testing.assert_array_equal(images, _pil_reference(blobs))
     # resize after the fast decode is PIL's bilinear resize of PIL's pixels
@@ -262,8 +266,8 @@ def test_jpeg_fast_path_is_pil_exact_on_every_jpeg_kind():
 def test_jpeg_fast_path_does_not_import_torchvision(tmp_path):
     # importing torchvision costs ~1.5 s in every fresh Ray worker; the decoder op is loaded on its own
     blob = encode(random_images(1, seed=8)[0], "JPEG")
-    script = ("import sys; from ray_dal.data.transforms import _decode_jpegs; "
-              f"assert list(_decode_jpegs([{blob!r}])) == [0]; assert 'torchvision' not in sys.modules")
+    script = ("import sys; from ray_dal.data.transforms import _decode_jpeg; "
+              f"assert _decode_jpeg({blob!r}) is not None; assert 'torchvision' not in sys.modules")
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
 
 
@@ -271,7 +275,7 @@ def test_jpeg_fast_path_leaves_bad_jpegs_to_pil():
     good = [encode(im, "JPEG") for im in random_images(3, seed=6)]
     truncated = good[1][: len(good[1]) // 2]
     blobs = [good[0], truncated, b"\xff\xd8\xff not a jpeg", good[2]]
-    assert sorted(_decode_jpegs(blobs)) == [0, 3]  # one bad image does not fail the others
+    assert _fast_path_taken(blobs) == [True, False, False, True]  # one bad image does not fail the others
     with pytest.raises(ImageDecodeError) as err:
         decode_images(blobs, [10, 11, 12, 13])
     assert err.value.bad_ids == [11, 12] and all(r.startswith("undecodable: ") for r in err.value.reasons)

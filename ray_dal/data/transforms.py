@@ -116,20 +116,15 @@ def _libjpeg_turbo():
         return None
 
 
-def _decode_jpegs(blobs: Sequence) -> dict[int, np.ndarray]:
-    """The JPEGs among ``blobs`` decoded by libjpeg-turbo: {position: uint8 [H, W, 3]}; rejected ones are left out."""
+def _decode_jpeg(blob) -> np.ndarray | None:
+    """One JPEG -> uint8 [H, W, 3] by libjpeg-turbo; None for anything else, or a JPEG it rejects (PIL then decides)."""
     decode = _libjpeg_turbo()
-    out: dict[int, np.ndarray] = {}
-    if decode is None:
-        return out
-    for i, blob in enumerate(blobs):
-        if not isinstance(blob, (bytes, bytearray, memoryview)) or bytes(blob[:3]) != _JPEG_MAGIC:
-            continue
-        try:  # bytearray: a copy, since torch wants a writable buffer and bytes are read-only
-            out[i] = decode(torch.frombuffer(bytearray(blob), dtype=torch.uint8), _RGB, False).permute(1, 2, 0).numpy()
-        except RuntimeError:  # truncated or corrupt: PIL decodes it or says why not
-            continue
-    return out
+    if decode is None or not isinstance(blob, (bytes, bytearray, memoryview)) or bytes(blob[:3]) != _JPEG_MAGIC:
+        return None
+    try:  # bytearray: a copy, since torch wants a writable buffer and bytes are read-only
+        return decode(torch.frombuffer(bytearray(blob), dtype=torch.uint8), _RGB, False).permute(1, 2, 0).numpy()
+    except RuntimeError:  # truncated or corrupt: PIL decodes it or says why not
+        return None
 
 
 def _resized(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -163,10 +158,10 @@ def decode_images(
     bad_ids: list[int] = []
     reasons: list[str] = []
     image_size = transform.image_size
-    fast = _decode_jpegs(blobs)
     for i, blob in enumerate(blobs):
         try:
-            img = fast[i] if i in fast else _decode_pil(blob)
+            img = _decode_jpeg(blob)
+            img = _decode_pil(blob) if img is None else img
             if transform.resize:
                 img = _resized(img, image_size)
             if image_size is None:
