@@ -1,6 +1,6 @@
 """How much of the scoring engine's speed survives the Ray Data pipeline?
 
-End to end, `ray_dal.pool_scoring.score_pool` (strategy dynamic, scope all) streams a Parquet pool of
+End to end, `ray_dal.pipeline.pool_scoring.score_pool` (strategy dynamic, scope all) streams a Parquet pool of
 encoded JPEGs through read tasks -> k `PoolScorer` actors (decode, score, per-batch top-b) -> the
 driver's top-b merge. Its rate (samples scored / wall seconds, actor start-up included) is compared
 with k x the in-process rate of `ray_dal.scoring.dynamic_scores` on pre-decoded tensors:
@@ -8,7 +8,7 @@ with k x the in-process rate of `ray_dal.scoring.dynamic_scores` on pre-decoded 
     efficiency = pipeline rate / (k x in-process score rate)
 
 "Same threads per actor": a scorer actor reserves ``cpus_per_scorer`` CPUs (0.5, the default) and sets
-torch to max(1, int(0.5)) = 1 thread (`ray_dal.actors.use_cpu_share`). So the in-process baseline runs in
+torch to max(1, int(0.5)) = 1 thread (`ray_dal.pipeline.actors.use_cpu_share`). So the in-process baseline runs in
 this (driver) process with ``torch.set_num_threads(1)``, the same model, weights, G, batch size and
 gamma. The baseline is timed right before and right after every pipeline run (the pipeline run is
 compared with the mean of its two neighbours) so a shared machine's load hits both alike; we report
@@ -62,12 +62,12 @@ import ray
 import record  # benchmarks/record.py
 import torch
 
-import ray_dal.pool_scoring as pool_scoring
+import ray_dal.pipeline.pool_scoring as pool_scoring
 from ray_dal.config import ScoringConfig
 from ray_dal.data import decode_images, inspect_pool, normalize, preprocess_batch
 from ray_dal.data.transforms import _decode_pil
 from ray_dal.models import build_model
-from ray_dal.runtime import init_ray
+from ray_dal.pipeline.runtime import init_ray
 from ray_dal.scoring import dynamic_scores, labeled_gradient
 from ray_dal.topk import TopB
 
@@ -76,7 +76,7 @@ CIFAR = REPO.parent / "shared" / "data" / "cifar10"  # --data-dir
 TMP = Path("/tmp/ray_dal_bench/pipeline_efficiency")
 GAMMA = 2.0
 CPUS_PER_SCORER = 0.5
-THREADS_PER_ACTOR = max(1, int(CPUS_PER_SCORER))  # what ray_dal.actors.use_cpu_share gives the actor
+THREADS_PER_ACTOR = max(1, int(CPUS_PER_SCORER))  # what ray_dal.pipeline.actors.use_cpu_share gives the actor
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -281,9 +281,9 @@ class TimedTopB(TopB):
 
     log: list = []
 
-    def add(self, ids, scores):
+    def add(self, ids, scores, **columns):
         TimedTopB.log.append((time.perf_counter(), len(ids)))
-        return super().add(ids, scores)
+        return super().add(ids, scores, **columns)
 
 
 def run_pipeline(pool: Path, name: str, model, g, k: int, batch_size: int, budget: int) -> dict:
@@ -299,7 +299,7 @@ def run_pipeline(pool: Path, name: str, model, g, k: int, batch_size: int, budge
             t0, t0_wall = time.perf_counter(), time.time()
             q = pool_scoring.score_pool(str(pool), model_cfg={"name": name, "num_classes": 10}, state_dict=state,
                                         grad_sum=g, scoring_cfg=cfg, budget=budget,
-                                        exclude_ids=np.empty(0, np.int64), seed=0, progress=False)
+                                        exclude_ids=np.empty(0, np.int64), seed=0)
             t_end = time.perf_counter()
     finally:
         pool_scoring.TopB = TopB

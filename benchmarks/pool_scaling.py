@@ -352,8 +352,8 @@ def readahead_check(n: int, caps_mib: list[float | None]) -> dict:
 
     from ray_dal.config import ScoringConfig
     from ray_dal.models import build_model
-    from ray_dal.pool_scoring import score_pool
-    from ray_dal.runtime import init_ray
+    from ray_dal.pipeline.pool_scoring import score_pool
+    from ray_dal.pipeline.runtime import init_ray
     from ray_dal.scoring import labeled_gradient
 
     pool, _ = synthetic_pool(n)
@@ -378,8 +378,7 @@ def readahead_check(n: int, caps_mib: list[float | None]) -> dict:
         th = threading.Thread(target=watch, daemon=True)
         th.start()
         q = score_pool(str(pool), model_cfg={"name": MODEL, "num_classes": 10}, state_dict=model.state_dict(),
-                       grad_sum=g, scoring_cfg=cfg, budget=BUDGET, exclude_ids=np.empty(0, np.int64), seed=0,
-                       progress=False)
+                       grad_sum=g, scoring_cfg=cfg, budget=BUDGET, exclude_ids=np.empty(0, np.int64), seed=0)
         stop.set()
         th.join()
         out.append({"cap_mib": cap, "peak_object_store_mib": peak[0] / 2**20, "seconds": q.seconds,

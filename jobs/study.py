@@ -13,8 +13,9 @@ import shlex
 import sys
 from pathlib import Path
 
+from ray_dal import console
 from ray_dal.errors import exit_on_user_error
-from ray_dal.study import load_study, run_study, summarize, write_report
+from ray_dal.loop.study import load_study, run_study, summarize, write_report
 
 SUBSET_FLAGS = ("--seeds", "--variants", "--report-only")
 
@@ -32,20 +33,23 @@ def whole_study(argv: list[str]) -> list[str]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("study", type=Path, help="study YAML (see ray_dal/study.py)")
+    parser.add_argument("study", type=Path, help="study YAML (see ray_dal/loop/study.py)")
     parser.add_argument("--data-dir", help="override data.data_dir of every run")
     parser.add_argument("--out", help="override the study's out folder")
     parser.add_argument("--variants", nargs="+", help="run only these variants")
     parser.add_argument("--seeds", nargs="+", type=int, help="run only these of the study's seeds")
     parser.add_argument("--report", type=Path, help="folder for study.json/.md/.png (default: the out folder)")
     parser.add_argument("--report-only", action="store_true", help="only summarise the runs that finished")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own lines on the console too; they "
+                        "always go to OUT/logs/ray.log")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     study, base = load_study(args.study, {"data.data_dir": args.data_dir} if args.data_dir else None)
     if args.out:
         study.out = args.out
     if not args.report_only:
-        run_study(study, base, args.variants, args.seeds)
+        with console.session(Path(study.out) / "logs" / "ray.log", verbose=args.verbose):
+            run_study(study, base, args.variants, args.seeds)
     command = "python jobs/study.py " + " ".join(shlex.quote(a) for a in whole_study(argv if argv is not None
                                                                                        else sys.argv[1:]))
     report = args.report or Path(study.out)

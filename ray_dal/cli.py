@@ -2,8 +2,17 @@
 
     ray-dal select --pool POOL --checkpoint model.pt --labeled labeled.parquet --budget 500 --out query.parquet
         Score a real, unlabeled pool once with a trained model and write the top-b query as Parquet
-        (id, score, rank): the human-in-the-loop step. ``--labeled`` holds (id, label) of the samples
+        (id, score, rank, pred, prob): the scoring step alone, for a model trained elsewhere. ``--labeled`` holds (id, label) of the samples
         already labeled: they are excluded, and dynamic AL's G is summed over them.
+    ray-dal round --pool POOL --labels LABELS --run RUN --budget B [--classes cat,dog,...]
+        One active-learning round on your own data: train on the labeled ids of LABELS (Parquet or CSV:
+        id, label), score the rest of POOL, write RUN/round_NNN/ with the next query. Again with more
+        labels: the next round. (`ray_dal.loop.annotated`)
+    ray-dal export --run RUN --format {parquet,csv,label-studio} --out PATH
+        The run's latest query, for annotators (`ray_dal.loop.export`).
+    ray-dal label-studio push|pull
+        The latest query to a Label Studio project, and its annotations back into a labels file
+        (`ray_dal.integrations.label_studio`).
     ray-dal synth --out DIR --num-samples N
         Write a synthetic JPEG pool (Parquet shards) for benchmarks.
 
@@ -14,29 +23,37 @@ Every flag, file and size is checked before Ray starts; such errors print one me
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .actors import check_weights, load_weights_file
+from .pipeline.actors import check_weights, load_weights_file
 from .config import (
     STRATEGIES,
     ConfigError,
     ExperimentConfig,
     ModelConfig,
     ScoringConfig,
+    load_config,
     validate,
 )
-from .data import DATASETS, ImageTransform, PoolInfo, inspect_pool, read_ids, write_synthetic_pool
+from .data import DATASETS, ImageTransform, PoolInfo, inspect_pool, load_labels, write_synthetic_pool
+from . import console
 from .errors import exit_on_user_error
-from .grad_sum import pool_grad_sum
+from .integrations.label_studio import register_cli as register_label_studio
+from .job import FLAGS, add_config_flags, config_overrides
+from .loop.annotated import run_annotated_round
+from .loop.export import FORMATS as EXPORT_FORMATS
+from .loop.export import export_query
+from .loop.run_dir import RunDir, query_table
+from .pipeline.grad_sum import pool_grad_sum
 from .models import available_models
-from .pool_scoring import score_pool
-from .runtime import init_ray
+from .pipeline.pool_scoring import score_pool
+from .pipeline.runtime import init_ray
 
 
 def _select(args: argparse.Namespace) -> None:
@@ -49,7 +66,7 @@ def _select(args: argparse.Namespace) -> None:
     query = score_pool(pool, model_cfg=model_cfg, state_dict=state, grad_sum=grad_sum, scoring_cfg=scoring,
                        budget=args.budget, exclude_ids=ids, seed=args.seed, transform=transform,
                        on_bad=args.on_bad_image)
-    table = pa.table({"id": query.ids, "score": query.scores, "rank": np.arange(len(query.ids), dtype=np.int64)})
+    table = query_table(query.ids, query.scores, query.pred, query.prob)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -92,31 +109,59 @@ def _check_select(args: argparse.Namespace):
 
 
 def _read_labeled(path: Path | None, pool: PoolInfo, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, labels) of ``--labeled``: columns id and label, no nulls, unique ids of ``pool``, labels < num_classes."""
+    """(ids, labels) of ``--labeled`` (`ray_dal.data.load_labels`), none when it is not given."""
     if path is None:
         return np.empty(0, np.int64), np.empty(0, np.int64)
-    try:
-        table = pq.read_table(path)
-    except Exception as error:
-        raise ConfigError(f"cannot read --labeled {path} as Parquet: {error}") from None
-    missing = {"id", "label"} - set(table.column_names)
-    if missing:
-        raise ConfigError(f"--labeled {path} needs columns id and label; it lacks {sorted(missing)}")
-    if table["id"].null_count or table["label"].null_count:
-        raise ConfigError(f"--labeled {path} has missing ids or labels; every row needs both")
-    ids, labels = (table[c].to_numpy().astype(np.int64) for c in ("id", "label"))
-    uniq, counts = np.unique(ids, return_counts=True)
-    if uniq.size != ids.size:
-        raise ConfigError(f"--labeled {path} lists ids {uniq[counts > 1][:10].tolist()} more than once; each labeled "
-                          "sample must appear once")
-    absent = np.setdiff1d(ids, read_ids(pool))
-    if absent.size:
-        raise ConfigError(f"--labeled {path} has {absent.size} id(s) that pool {pool.source} does not hold, e.g. "
-                          f"{absent[:10].tolist()}. Fix: pass the pool these samples were labeled from, or drop them")
-    bad = np.unique(labels[(labels < 0) | (labels >= num_classes)])
-    if bad.size:
-        raise ConfigError(f"--labeled {path} has labels {bad[:10].tolist()} outside [0, --num-classes = {num_classes})")
-    return ids, labels
+    return load_labels(path, pool, None, num_classes, "--labeled")
+
+
+def _round(args: argparse.Namespace) -> None:
+    base = args.config
+    if base is None and (Path(args.run) / "config.yaml").is_file():
+        base = Path(args.run) / "config.yaml"  # the run's own settings; flags given now override them
+    cfg = load_config(base, config_overrides(args, ROUND_FLAGS))
+    result = run_annotated_round(cfg, args.eval_labels)
+    m, where = result.metrics, result.query_path
+    if not result.trained:
+        print(f"nothing to do: round {result.index} of {result.run.root} was trained on these {m['n_labeled']} "
+              f"labels; its query is {where}. Add labels to {cfg.loop.labels} to make the next round.")
+        return
+    held_out = f", eval accuracy {m['eval_accuracy']:.4f}" if "eval_accuracy" in m else ""
+    print(f"round {result.index}: trained on {m['n_labeled']} labels ({m['n_new']} new, {m['n_relabeled']} "
+          f"relabeled), train accuracy {m['train_accuracy']:.4f}{held_out}; {m['round_seconds']:.1f}s")
+    print(f"query: the {cfg.loop.budget} samples to label next are in {where}\n"
+          f"next: ray-dal export --run {args.run} --format csv --out query.csv, or "
+          f"ray-dal label-studio push --run {args.run} --url URL --project NAME")
+
+
+def _export(args: argparse.Namespace) -> None:
+    query, out = export_query(args.run, args.format, args.out)
+    print(f"wrote the query of round {query.round} ({query.ids.size} samples) of {query.run} to {out}")
+
+
+def _class_names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",")]
+
+
+def _absolute(path: str) -> str:
+    """A path as stored in the run's config.yaml: absolute, so the run works from any directory."""
+    return str(Path(path).expanduser().resolve())
+
+
+ROUND_FLAGS = {
+    "--pool": ("data.data_dir", _absolute, "the pool: Parquet (column image, optional id; a label column is never used) "
+                                     "or a folder of image files"),
+    "--labels": ("loop.labels", _absolute, "Parquet or CSV with columns id (or path, for a folder of images) and "
+                                           "label (a class index, or a class name)"),
+    "--run": ("loop.out", _absolute, "run directory (created by the first round)"),
+    "--budget": ("loop.budget", int, "b, the number of samples to query"),
+    "--classes": ("data.classes", _class_names, "comma-separated class names (label i = name i); fixed for the run"),
+    "--num-classes": ("model.num_classes", int, "number of classes (default: as many as --classes names)"),
+    "--dataset": ("data.dataset", str, "preprocess as this dataset: its statistics and image size ("
+                                       + " | ".join(sorted(DATASETS)) + ")"),
+    **{flag: FLAGS[flag] for flag in ("--model", "--strategy", "--gamma", "--scope", "--epochs", "--train-accuracy",
+                                      "--seed", "--num-workers", "--num-scorers", "--image-size", "--num-cpus")},
+}
 
 
 def _synth(args: argparse.Namespace) -> None:
@@ -132,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     select = commands.add_parser("select", help="score an unlabeled pool and write the top-b query")
     select.add_argument("--pool", required=True, help="Parquet file or folder of shards (image bytes, optional id)")
     select.add_argument("--checkpoint", required=True, type=Path, help="model state_dict (e.g. OUT/round_003/model.pt)")
-    select.add_argument("--labeled", type=Path, help="Parquet with columns id, label of the labeled samples")
+    select.add_argument("--labeled", type=Path, help="Parquet or CSV with columns id, label of the labeled samples")
     select.add_argument("--budget", required=True, type=int, help="b, the number of samples to query")
     select.add_argument("--out", required=True, type=Path, help="where to write the query (.parquet)")
     select.add_argument("--model", default=ModelConfig.name, help="registered model name")
@@ -150,19 +195,42 @@ def main(argv: list[str] | None = None) -> None:
     select.add_argument("--on-bad-image", default="fail", choices=("fail", "skip"))
     select.add_argument("--seed", type=int, default=0, help="seed of the random strategy")
     select.add_argument("--no-progress-timeout", type=float, default=600.0, help="seconds before a stuck stage fails")
-    select.set_defaults(run=_select)
+    select.set_defaults(handler=_select)
+
+    round_ = commands.add_parser("round", help="one active-learning round with labels from people")
+    round_.add_argument("--config", type=Path, help="YAML config (default: the run's config.yaml, else the defaults)")
+    add_config_flags(round_, ROUND_FLAGS, required=("--pool", "--labels", "--run", "--budget"))
+    round_.add_argument("--eval-labels", type=Path, help="Parquet or CSV (id, label) of held-out labeled samples of "
+                        "the pool: never trained on nor queried; adds eval_accuracy")
+    round_.set_defaults(handler=_round)
+
+    export = commands.add_parser("export", help="write the run's latest query for annotators")
+    export.add_argument("--run", required=True, type=Path, help="run directory")
+    export.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    export.add_argument("--out", required=True, type=Path, help="file to write")
+    export.set_defaults(handler=_export)
+
+    register_label_studio(commands)
 
     synth = commands.add_parser("synth", help="write a synthetic JPEG pool for benchmarks")
     synth.add_argument("--out", required=True, type=Path)
     synth.add_argument("--num-samples", required=True, type=int)
     synth.add_argument("--size", type=int, default=32, help="image height and width")
     synth.add_argument("--seed", type=int, default=0)
-    synth.set_defaults(run=_synth)
+    synth.set_defaults(handler=_synth)
+
+    for command in (select, round_):
+        command.add_argument("--verbose", action="store_true", help="show Ray's own lines (workers, Ray Data, Ray "
+                             "Train) on the console too; they always go to the log file (RUN/logs/ray.log for "
+                             "round, next to --out for select)")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    with exit_on_user_error(f"ray-dal {args.command}"):  # a message that names the fix, not a traceback
-        args.run(args)
+    log_file = {"select": lambda: Path(args.out).with_suffix(".log"),
+                "round": lambda: RunDir(args.run).log_file}.get(args.command)
+    with exit_on_user_error(f"ray-dal {args.command}"), \
+            console.session(log_file(), args.verbose) if log_file else contextlib.nullcontext():
+        args.handler(args)
 
 
 if __name__ == "__main__":

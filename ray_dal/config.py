@@ -31,6 +31,7 @@ class DataConfig:
     pool_size: int | None = None  # seeded subsample of the training pool (None: all of it)
     test_size: int | None = None  # seeded subsample of the test set (None: all of it)
     on_bad_image: str = "fail"  # "fail" (list the bad ids) or "skip" (score without them, report ids)
+    classes: list[str] | None = None  # class names, label i = classes[i] (None: 0..K-1); sets model.num_classes
 
 
 @dataclass
@@ -71,6 +72,8 @@ class LoopConfig:
     rounds: int = 10  # R queries; round R only trains and evaluates
     seed: int = 0
     out: str = "runs/cifar10"
+    labels: str | None = None  # None: the dataset's labels are the oracle (simulation); else the (id, label) file
+    # of the latest `ray-dal round`, whose labels come from people (then initial and rounds are unused)
 
 
 @dataclass
@@ -113,6 +116,8 @@ def from_dict(values: Mapping[str, Any] | None) -> ExperimentConfig:
     _known_keys(values, {f.name for f in dataclasses.fields(cfg)}, "the config's sections")
     for name, section_values in values.items():
         setattr(cfg, name, _merge(getattr(cfg, name), section_values, f"section '{name}'"))
+    if isinstance(cfg.data.classes, list) and "num_classes" not in (values.get("model") or {}):
+        cfg.model.num_classes = len(cfg.data.classes)  # class names given: they say how many classes there are
     validate(cfg)
     return cfg
 
@@ -177,5 +182,12 @@ def validate(cfg: ExperimentConfig) -> None:
     need(size is None or all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sides),
          "data.image_size", size, "give one int >= 1 (square), [height, width], or null (the dataset's size)")
     need(cfg.model.num_classes >= 2, "model.num_classes", cfg.model.num_classes, "must be >= 2")
+    names = cfg.data.classes
+    if names is not None:
+        need(isinstance(names, list) and all(isinstance(n, str) and n.strip() == n and n for n in names),
+             "data.classes", names, "give a list of non-empty class names without surrounding spaces")
+        need(len(set(names)) == len(names), "data.classes", names, "class names must be distinct")
+        need(len(names) == cfg.model.num_classes, "data.classes", names,
+             f"it names {len(names)} classes but model.num_classes = {cfg.model.num_classes}; make them agree")
     need(cfg.runtime.no_progress_timeout_s > 0, "runtime.no_progress_timeout_s",
          cfg.runtime.no_progress_timeout_s, "must be > 0")

@@ -2,21 +2,23 @@
 
 Settings come from ray_dal/config.py's defaults, then ``--config`` (YAML; the job's own file by default),
 then the flags below; the job sets ``data.dataset``. Re-running with the same ``--out`` resumes after
-the last complete round.
+the last complete round. The console shows ray_dal's lines and progress bars; Ray's own output goes to
+``OUT/logs/ray.log`` (``--verbose``: to the console as well; `ray_dal.console`).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
+import sys
 from pathlib import Path
 from typing import Callable
 
+from . import console
 from .config import STRATEGIES, load_config
 from .errors import exit_on_user_error
-from .loop import run_experiment
+from .loop.simulation import run_experiment
 from .models import available_models
-from .run_dir import RunDir
+from .loop.run_dir import RunDir
 
 FLAGS = {  # flag -> (config key, type, help)
     "--data-dir": ("data.data_dir", str, "the data as Parquet, torchvision's layout or an ImageFolder copy, or where "
@@ -41,19 +43,33 @@ FLAGS = {  # flag -> (config key, type, help)
 }
 
 
-def run_job(dataset: str, default_config: Path, argv: list[str] | None = None, description: str | None = None) -> RunDir:
+def add_config_flags(parser: argparse.ArgumentParser, flags: dict[str, tuple], required: tuple[str, ...] = ()) -> None:
+    """Add ``flags`` (flag -> (config key, type, help), as `FLAGS`) to ``parser``; none has a default."""
+    for flag, (key, kind, help_text) in flags.items():
+        parser.add_argument(flag, type=kind, help=f"{help_text} [{key}]", required=flag in required)
+
+
+def config_overrides(args: argparse.Namespace | dict, flags: dict[str, tuple]) -> dict:
+    """``{"section.key": value}`` of the ``flags`` given on the command line."""
+    values = args if isinstance(args, dict) else vars(args)
+    given = {key: values[flag[2:].replace("-", "_")] for flag, (key, _, _) in flags.items()}
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def run_job(dataset: str, default_config: Path, argv: list[str] | None = None,
+            description: str | None = None) -> RunDir:
     """Parse ``argv`` (the flags above and ``--config``, default ``default_config``), run the experiment on
     ``dataset``, print each round's test accuracy; returns the run directory."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=default_config, help="YAML config [default: %(default)s]")
-    for flag, (key, kind, help_text) in FLAGS.items():
-        parser.add_argument(flag, type=kind, help=f"{help_text} [{key}]")
+    add_config_flags(parser, FLAGS)
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's own lines (workers, Ray Data, Ray Train) on the console too; they always go "
+                             "to OUT/logs/ray.log")
     args = vars(parser.parse_args(argv))
-    overrides = {key: args[flag[2:].replace("-", "_")] for flag, (key, _, _) in FLAGS.items()}
-    overrides = {"data.dataset": dataset, **{k: v for k, v in overrides.items() if v is not None}}
-    cfg = load_config(args["config"], overrides)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    run = run_experiment(cfg)
+    cfg = load_config(args["config"], {"data.dataset": dataset, **config_overrides(args, FLAGS)})
+    with console.session(RunDir(cfg.loop.out).log_file, verbose=args["verbose"]):
+        run = run_experiment(cfg)
     for m in run.metrics():
         print(f"round {m['round']}: {m['n_labeled']} labeled, test accuracy {m['test_accuracy']:.4f}")
     print(f"results in {run.root}")
@@ -61,6 +77,11 @@ def run_job(dataset: str, default_config: Path, argv: list[str] | None = None, d
 
 
 def script(main: Callable[[], object], name: str) -> None:
-    """Run a job's ``main`` as a script: bad input prints one message naming the value and the fix, exit 2."""
-    with exit_on_user_error(name):
-        main()
+    """Run a job's ``main`` as a script: bad input prints one message naming the value and the fix, exit 2;
+    Ctrl-C prints one line saying how to resume, exit 130."""
+    try:
+        with exit_on_user_error(name):
+            main()
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; the same command resumes after the last complete round", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -56,11 +56,12 @@ def _check_b(b) -> int:
     return int(b)
 
 
-def _select(ids: np.ndarray, scores: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray]:
-    """top_b on already-validated arrays."""
+def _select_rows(ids: np.ndarray, scores: np.ndarray, b: int) -> np.ndarray:
+    """Positions of the top ``b`` of already-validated arrays, in rank order."""
     n = ids.size
     if b == 0:
-        return ids[:0].copy(), scores[:0].copy()
+        return np.empty(0, np.int64)
+    keep = np.arange(n)
     if b < n:
         # The b-th largest score is the threshold: everything above it is in, and the remaining
         # places go to the smallest ids among those equal to it (exact ties at the boundary).
@@ -71,9 +72,20 @@ def _select(ids: np.ndarray, scores: np.ndarray, b: int) -> tuple[np.ndarray, np
         if need < at.size:
             at = at[np.argpartition(ids[at], need - 1)[:need]]
         keep = np.concatenate([above, at])
-        ids, scores = ids[keep], scores[keep]
-    order = np.lexsort((ids, -scores))
-    return ids[order], scores[order]
+    return keep[np.lexsort((ids[keep], -scores[keep]))]
+
+
+def _select(ids: np.ndarray, scores: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray]:
+    """top_b on already-validated arrays."""
+    rows = _select_rows(ids, scores, b)
+    return ids[rows], scores[rows]
+
+
+def top_b_rows(ids, scores, b: int) -> np.ndarray:
+    """Positions in ``ids``/``scores`` of `top_b`'s result, in its order (to carry other columns along)."""
+    b = _check_b(b)
+    ids, scores = check_pairs(ids, scores)
+    return _select_rows(ids, scores, b)
 
 
 def top_b(ids, scores, b: int) -> tuple[np.ndarray, np.ndarray]:
@@ -93,6 +105,7 @@ class TopB:
 
     Memory stays O(b) plus the chunks buffered since the last merge (merged once they exceed
     ``merge_factor * b`` pairs). Every chunk is validated on ``add`` (non-finite scores raise there).
+    Other per-sample columns (``add(ids, scores, pred=...)``) travel with their pairs: `columns()`.
     """
 
     def __init__(self, b: int, merge_factor: int = 4):
@@ -100,6 +113,7 @@ class TopB:
         self._limit = max(merge_factor * self.b, 1024)
         self._ids: list[np.ndarray] = []
         self._scores: list[np.ndarray] = []
+        self._columns: dict[str, list[np.ndarray]] = {}
         self._buffered = 0
         self.num_added = 0  # pairs seen so far
 
@@ -108,8 +122,14 @@ class TopB:
         """Pairs held right now (at most ``max(merge_factor * b, 1024)`` plus the last chunk added)."""
         return self._buffered
 
-    def add(self, ids, scores) -> None:
+    def add(self, ids, scores, **columns: np.ndarray) -> None:
         ids, scores = check_pairs(ids, scores)
+        if self._ids and set(columns) != set(self._columns):
+            raise ValueError(f"every chunk needs the same columns: {sorted(self._columns)}, got {sorted(columns)}")
+        for name, values in columns.items():
+            if len(values) != ids.size:
+                raise ValueError(f"column {name!r} has {len(values)} values for {ids.size} pairs")
+            self._columns.setdefault(name, []).append(np.asarray(values))
         self._ids.append(ids)
         self._scores.append(scores)
         self._buffered += ids.size
@@ -118,12 +138,19 @@ class TopB:
             self._merge()
 
     def _merge(self) -> tuple[np.ndarray, np.ndarray]:
-        ids, scores = _select(np.concatenate(self._ids or [np.empty(0, np.int64)]),
-                              np.concatenate(self._scores or [np.empty(0, np.float64)]), self.b)
-        self._ids, self._scores, self._buffered = [ids], [scores], ids.size
-        return ids, scores
+        ids = np.concatenate(self._ids or [np.empty(0, np.int64)])
+        scores = np.concatenate(self._scores or [np.empty(0, np.float64)])
+        rows = _select_rows(ids, scores, self.b)
+        self._columns = {name: [np.concatenate(parts)[rows]] for name, parts in self._columns.items()}
+        self._ids, self._scores, self._buffered = [ids[rows]], [scores[rows]], rows.size
+        return self._ids[0], self._scores[0]
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """The current top-b as new arrays (int64, float64), sorted by (score desc, id asc)."""
         ids, scores = self._merge()
         return ids.copy(), scores.copy()
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """The other columns of `result()`'s pairs, in its order."""
+        self._merge()
+        return {name: parts[0].copy() for name, parts in self._columns.items()}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from .label_studio_server import label_studio  # noqa: F401  (session fixture: a real Label Studio server)
 from .slices import write_slice
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ def ray_local():
     """A real embedded Ray cluster with 2 CPUs, shared by all tests; Ray Data fails after 60 s without progress."""
     import ray
 
-    from ray_dal.runtime import init_ray
+    from ray_dal.pipeline.runtime import init_ray
 
     init_ray(num_cpus=2, no_progress_timeout_s=60)
     yield ray

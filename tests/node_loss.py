@@ -18,8 +18,8 @@ from ray._private import state as ray_state
 from ray.cluster_utils import Cluster
 
 from ray_dal.config import ModelConfig, ScoringConfig
-from ray_dal.pool_scoring import score_pool
-from ray_dal.runtime import set_no_progress_timeout
+from ray_dal.pipeline.pool_scoring import score_pool
+from ray_dal.pipeline.runtime import set_no_progress_timeout
 
 from .faults import SCORER, KillMidScoring, descendants, title
 
@@ -48,8 +48,7 @@ def main(pool: str, weights: str, out: str) -> None:
 
     with KillMidScoring(scorers_on_workers, lose_node) as fault:
         query = score_pool(pool, model_cfg=ModelConfig(), state_dict=saved["state_dict"], grad_sum=saved["grad_sum"],
-                           scoring_cfg=SCORING, budget=BUDGET, exclude_ids=saved["exclude_ids"].numpy(), seed=0,
-                           progress=False)
+                           scoring_cfg=SCORING, budget=BUDGET, exclude_ids=saved["exclude_ids"].numpy(), seed=0)
     restarts = [a["NumRestarts"] for a in ray_state.actors().values() if "PoolScorer" in a["ActorClassName"]]
     np.savez(out, ids=query.ids, scores=query.scores, num_scored=query.num_scored,
              node_lost=fault.killed is not None, restarts=np.array(restarts, np.int64))

@@ -223,7 +223,7 @@ def labeled_file(folder: Path, ids, labels) -> Path:
 
 @pytest.mark.parametrize("case, message", [
     ("absent_ids", r"has 2 id\(s\) that pool \S+ does not hold, e\.g\. \[-4, 1000000000\]\. Fix: pass the pool"),
-    ("duplicate_ids", r"lists ids \[\d+\] more than once"),
+    ("duplicate_ids", r"gives 1 id\(s\) two different labels, e\.g\. \[\d+\]\. Fix: keep one label per id"),
     ("label_out_of_range", r"has labels \[10\] outside \[0, --num-classes = 10\)"),
     ("budget_0", r"--budget 0 is invalid: pool \S+ has 2000 samples, 20 of them labeled, so the budget must be in "
                  r"\[1, 1980\]"),
@@ -243,7 +243,7 @@ def test_select_refuses_bad_input_before_ray_starts(select_files, tmp_path, caps
     if case == "absent_ids":
         files["labeled"] = labeled_file(tmp_path, [first[0], 10**9, -4], [1, 2, 3])
     elif case == "duplicate_ids":
-        files["labeled"] = labeled_file(tmp_path, [first[0], first[1], first[0]], [1, 2, 1])
+        files["labeled"] = labeled_file(tmp_path, [first[0], first[1], first[0]], [1, 2, 3])
     elif case == "label_out_of_range":
         files["labeled"] = labeled_file(tmp_path, first, [0, 10, 3])
     elif case in ("budget_0", "budget_too_big"):
@@ -270,7 +270,7 @@ def test_non_finite_scores_are_reported_with_their_ids_through_the_cli(ray_local
     torch.save(state, tmp_path / "huge.pt")
     err = select_error(select(select_files, tmp_path, checkpoint=tmp_path / "huge.pt"), capsys)
     assert re.search(r"non-finite score\(s\) \(NaN or inf\) for ids \[\d+", err), err
-    assert "(raised inside a ray_dal.pool_scoring.PoolScorer actor)" in err
+    assert "(raised inside a ray_dal.pipeline.pool_scoring.PoolScorer actor)" in err
     ids = [int(i) for i in re.search(r"for ids \[([\d, ]+)\]", err).group(1).split(", ")]
     pool_ids = pq.read_table(select_files["pool"], columns=["id"])["id"].to_numpy()
     labeled = pq.read_table(select_files["labeled"])["id"].to_numpy()

@@ -103,3 +103,20 @@ def test_pool_scaling_quick(tmp_path):
     assert {"wall_time_per_sample", "peak_memory"} <= set(r["summary"]["ratios"])
     for run in r["runs"]:
         assert run["num_scored"] == run["n"] - r["settings"]["labeled"]
+
+
+@pytest.mark.slow
+def test_approximation_ratio_quick(tmp_path, cifar10_dir):
+    r = run_quick("approximation_ratio.py", tmp_path, "--data-dir", str(cifar10_dir))
+    assert r["machine"]["torch"] and r["machine"]["git_commit"] is not None and r["paper_claim"]
+    s = r["settings"]
+    assert [cp["epoch"] for cp in r["checkpoints"]] == list(range(s["max_epochs"] + 1))
+    for cp in r["checkpoints"]:
+        assert set(cp["scopes"]) == {"all", "last"}
+        for cell in cp["scopes"].values():
+            for b in s["budgets"]:
+                c = cell["budgets"][str(b)]
+                assert len(c["random"]) == s["draws"] and c["top"]["delta"] != 0
+                assert abs(c["random_mean"]) < float("inf")  # neither NaN nor infinite
+        assert cp["scopes"]["all"]["direct_check"]["rel_diff_vs_cached"] < 1e-4  # the function = the cached terms
+    assert r["findings"]

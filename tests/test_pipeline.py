@@ -82,7 +82,8 @@ def test_select_command_reproduces_the_runs_query(finished_run, data_dir, tmp_pa
                   "--labeled", str(round0 / "labeled.parquet"), "--budget", str(BUDGET), "--out", str(out),
                   "--num-scorers", "1", "--image-size", "32", "32"])
     mine, runs = pq.read_table(out), pq.read_table(round0 / "selected.parquet")
-    assert mine.column_names == ["id", "score", "rank"]
+    assert mine.column_names == ["id", "score", "rank", "pred", "prob"]
+    assert np.array_equal(mine["pred"].to_numpy(), runs["pred"].to_numpy())
     assert np.array_equal(mine["id"].to_numpy(), runs["id"].to_numpy())
     np.testing.assert_allclose(mine["score"].to_numpy(), runs["score"].to_numpy(), rtol=1e-4)
 

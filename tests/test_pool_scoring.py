@@ -9,12 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from ray.data import DataContext
 
 from ray_dal.config import ModelConfig, ScoringConfig
 from ray_dal.data import ImageDecodeError, preprocess_batch
 from ray_dal.models import build_model
-from ray_dal.pool_scoring import PoolQuery, score_pool
+from ray_dal.pipeline.pool_scoring import PoolQuery, score_pool
 from ray_dal.scoring import dynamic_scores, entropy, labeled_gradient, random_scores
 from ray_dal.topk import NonFiniteScoreError, top_b
 
@@ -89,8 +88,7 @@ def assert_matches(q: PoolQuery, ids: np.ndarray, scores: np.ndarray) -> None:
 
 def test_dynamic_top_b_equals_in_process_scores(ray_local, pool_slice):
     s = pool_slice
-    q = run(s, "dynamic", progress=False)
-    assert DataContext.get_current().enable_progress_bars  # progress=False stays local to this pipeline
+    q = run(s, "dynamic")
     assert_valid_query(q, s)
     want = dynamic_scores(s.model, s.x[s.unlabeled], s.grad_sum, gamma=2.0, scope="all").double().numpy()
     assert_matches(q, *top_b(s.ids[s.unlabeled], want, BUDGET))
@@ -107,7 +105,7 @@ def test_entropy_top_b_equals_in_process_scores(ray_local, pool_slice):
 
 def test_random_query_does_not_depend_on_the_number_of_actors(ray_local, pool_slice):
     s = pool_slice
-    one, two = run(s, "random", num_scorers=1, progress=False), run(s, "random", num_scorers=2, progress=False)
+    one, two = run(s, "random", num_scorers=1), run(s, "random", num_scorers=2)
     assert_valid_query(one, s)
     np.testing.assert_array_equal(one.ids, two.ids)
     np.testing.assert_array_equal(one.scores, two.scores)
@@ -125,7 +123,7 @@ def test_budget_out_of_range_is_a_clear_error(ray_local, pool_slice, budget):
 
 def test_budget_equal_to_the_unlabeled_count_returns_all_of_them(ray_local, pool_slice):
     s = pool_slice
-    q = run(s, "random", num_scorers=1, budget=POOL - EXCLUDED_IN_POOL, progress=False)
+    q = run(s, "random", num_scorers=1, budget=POOL - EXCLUDED_IN_POOL)
     np.testing.assert_array_equal(np.sort(q.ids), np.sort(s.ids[s.unlabeled]))
 
 
@@ -134,7 +132,7 @@ def test_non_finite_scores_raise_with_their_ids(ray_local, pool_slice):
     state = {n: t.clone() for n, t in s.model.state_dict().items()}
     state["fc3.weight"] = torch.full_like(state["fc3.weight"], 3e38)  # finite weights, logits overflow to inf
     with pytest.raises(NonFiniteScoreError) as info:
-        run(s, "entropy", num_scorers=1, state_dict=state, progress=False)
+        run(s, "entropy", num_scorers=1, state_dict=state)
     assert info.value.ids.size > 0
     assert np.isin(info.value.ids, s.ids[s.unlabeled]).all()
 
@@ -171,7 +169,7 @@ def bad_pool(cifar10_dir, tmp_path_factory):
 def test_bad_images_fail_with_their_ids_or_are_skipped_and_reported(ray_local, bad_pool):
     path, ids, bad = bad_pool
     common = dict(model_cfg=ModelConfig(), state_dict=None, grad_sum=None, exclude_ids=np.empty(0, np.int64),
-                  seed=0, progress=False)
+                  seed=0)
     cfg = ScoringConfig(strategy="random", num_scorers=1, batch_size=128)
     with pytest.raises(ImageDecodeError) as info:
         score_pool(path, scoring_cfg=cfg, budget=5, **common)

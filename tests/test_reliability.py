@@ -28,8 +28,8 @@ from ray._private import state as ray_state
 from ray_dal.config import ExperimentConfig, ModelConfig
 from ray_dal.data import preprocess_batch
 from ray_dal.models import build_model
-from ray_dal.pool_scoring import PoolQuery, score_pool
-from ray_dal.run_dir import RunDir
+from ray_dal.pipeline.pool_scoring import PoolQuery, score_pool
+from ray_dal.loop.run_dir import RunDir
 from ray_dal.scoring import labeled_gradient
 
 from . import node_loss
@@ -74,7 +74,7 @@ def weights(pool) -> Weights:
 def query(pool: Path, w: Weights, num_scorers: int) -> PoolQuery:
     cfg = dataclasses.replace(node_loss.SCORING, num_scorers=num_scorers)
     return score_pool(str(pool), model_cfg=ModelConfig(), state_dict=w.state_dict, grad_sum=w.grad_sum,
-                      scoring_cfg=cfg, budget=node_loss.BUDGET, exclude_ids=w.labeled, seed=0, progress=False)
+                      scoring_cfg=cfg, budget=node_loss.BUDGET, exclude_ids=w.labeled, seed=0)
 
 
 def assert_same_query(ids: np.ndarray, scores: np.ndarray, num_scored: int, ref: PoolQuery) -> None:
@@ -142,11 +142,11 @@ WRITER = """
 import sys
 import numpy as np, torch
 from ray_dal.config import ExperimentConfig
-from ray_dal.run_dir import RunDir
+from ray_dal.loop.run_dir import RunDir
 run, ids = RunDir(sys.argv[1]), np.arange(10)
 run.start(ExperimentConfig())
 for r, size in ((0, 1), (1, 2**27)):  # round 1's model.pt (512 MB) takes a while to write: killed meanwhile
-    run.write_round(r, ids, ids % 10, {"w": torch.ones(size)}, {"round": r}, (ids[:2], np.ones(2)))
+    run.write_round(r, ids, ids % 10, {"w": torch.ones(size)}, {"round": r}, {"id": ids[:2], "score": np.ones(2)})
 """
 
 

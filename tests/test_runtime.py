@@ -11,8 +11,8 @@ from ray.data.exceptions import ExecutionTimeoutError
 
 from ray_dal.config import ModelConfig, ScoringConfig
 from ray_dal.models import build_model
-from ray_dal.pool_scoring import score_pool
-from ray_dal.runtime import set_no_progress_timeout
+from ray_dal.pipeline.pool_scoring import score_pool
+from ray_dal.pipeline.runtime import set_no_progress_timeout
 
 
 def test_a_stuck_scoring_stage_fails_after_the_no_progress_timeout(ray_local, cifar10_slice):
@@ -25,7 +25,7 @@ def test_a_stuck_scoring_stage_fails_after_the_no_progress_timeout(ray_local, ci
             score_pool(cifar10_slice / "test.parquet", model_cfg=ModelConfig(),
                        state_dict=build_model("cnn", 10).state_dict(), grad_sum=None,
                        scoring_cfg=ScoringConfig(strategy="entropy", num_scorers=1, gpus_per_scorer=1),
-                       budget=10, exclude_ids=np.empty(0, np.int64), seed=0, progress=False)
+                       budget=10, exclude_ids=np.empty(0, np.int64), seed=0)
         assert time.monotonic() - start < 60
     finally:
         set_no_progress_timeout(before)

@@ -16,9 +16,9 @@ import torch
 from ray_dal.config import ConfigError, ModelConfig, ScoringConfig
 from ray_dal.data import inspect_pool, preprocess_batch
 from ray_dal.models import build_model
-from ray_dal.pool_embedding import embed_pool
-from ray_dal.query import Labeled, candidate_ids, select_query
-from ray_dal.run_dir import RunDir
+from ray_dal.pipeline.pool_embedding import embed_pool
+from ray_dal.loop.query import Labeled, candidate_ids, select_query
+from ray_dal.loop.run_dir import RunDir
 from ray_dal.selection import albl, embedding_parts, k_center_greedy, kmeans_pp_seeding
 
 from .conftest import JOB_ARGS, assert_same_run, run_job

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from ray_dal.config import ConfigError
-from ray_dal.study import aulc, load_study, summarize
+from ray_dal.loop.study import aulc, load_study, summarize
 
 from .conftest import REPO
 

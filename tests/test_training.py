@@ -26,7 +26,7 @@ from ray_dal.config import ModelConfig, TrainConfig
 from ray_dal.data import preprocess_batch, read_pool
 from ray_dal.models import build_model
 from ray_dal.scoring import labeled_gradient
-from ray_dal.training import (
+from ray_dal.pipeline.training import (
     RoundFit,
     TrainingError,
     deal_shards,

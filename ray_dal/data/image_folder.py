@@ -124,11 +124,11 @@ def _rows(folders: ClassFolders, paths: list[Path], labels: np.ndarray, chosen: 
     ids = np.flatnonzero(chosen)
     for start in range(0, ids.size, ROWS_PER_GROUP):
         part = ids[start:start + ROWS_PER_GROUP]
-        yield {ID: part, IMAGE: [_read(paths[i]) for i in part], LABEL: labels[part],
+        yield {ID: part, IMAGE: [read_image_file(paths[i]) for i in part], LABEL: labels[part],
                "path": [str(paths[i].relative_to(folders.root)) for i in part]}
 
 
-def _read(path: Path) -> bytes:
+def read_image_file(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as e:

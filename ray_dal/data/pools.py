@@ -309,3 +309,35 @@ def read_pool(
     ds = ray.data.read_datasource(source, num_cpus=num_cpus, override_num_blocks=max(len(plan), 1))
     ds.context.execution_options.preserve_order = preserve_order
     return ds
+
+
+def read_labeled(
+    pool: PoolInfo | str | Path, ids: np.ndarray, labels: np.ndarray, num_cpus: float = 0.25
+) -> ray.data.Dataset:
+    """`read_pool` of the rows ``ids`` with their ``label`` taken from ``labels`` (aligned with ``ids``), not
+    from the pool: labels given by people, or the dataset's own passed explicitly. Columns id, image, label."""
+    ids, labels = np.asarray(ids, np.int64), np.asarray(labels, np.int64)
+    if ids.shape != labels.shape or ids.ndim != 1:
+        raise ValueError(f"ids and labels must be 1-D arrays of one length, got {ids.shape} and {labels.shape}")
+    order = np.argsort(ids)
+    return read_pool(pool, columns=(ID, IMAGE), ids=ids, num_cpus=num_cpus).map_batches(
+        _attach_labels, batch_format="pyarrow", num_cpus=num_cpus,
+        fn_kwargs={"ids": ids[order], "labels": labels[order]})
+
+
+def _attach_labels(batch: pa.Table, ids: np.ndarray, labels: np.ndarray) -> pa.Table:
+    rows = np.searchsorted(ids, batch.column(ID).to_numpy())
+    return batch.append_column(LABEL, pa.array(labels[rows], pa.int64()))
+
+
+def read_rows(pool: PoolInfo | str | Path, ids: np.ndarray, columns: Sequence[str] = (ID, IMAGE)) -> pa.Table:
+    """The rows ``ids`` of the pool, read here (on the driver: for a query's few hundred images, not a pool),
+    in the order of ``ids``; ``columns`` as `read_pool`'s. PoolError for ids the pool does not hold."""
+    info = _as_info(pool)
+    ids = np.asarray(ids, np.int64)
+    columns = tuple(dict.fromkeys((ID, *columns)))
+    parts = [t for rg, positions in select_row_groups(info, ids)
+             for t in _read_row_group(rg, positions, columns, info.has_id_column)]
+    table = pa.concat_tables(parts) if parts else _output_schema(info.files[0], columns).empty_table()
+    found = table.column(ID).to_numpy()
+    return table.take(pa.array(np.argsort(found)[np.searchsorted(np.sort(found), ids)]))

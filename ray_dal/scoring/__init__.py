@@ -7,14 +7,17 @@ Pure PyTorch: nothing here knows about Ray.
 - `least_confidence`, `margin`, `entropy` (of logits) and `random_scores` (of ids and a seed).
 """
 
+from .approximation import ApproximationRatio, approximation_ratio
 from .engine import UnsupportedModelError, dynamic_scores, generic_path_parameters
 from .labeled import labeled_gradient
 from .params import SCOPES, final_linear, scoped_parameters
 from .uncertainty import entropy, least_confidence, margin, random_scores
 
 __all__ = [
+    "ApproximationRatio",
     "SCOPES",
     "UnsupportedModelError",
+    "approximation_ratio",
     "dynamic_scores",
     "entropy",
     "final_linear",

@@ -1,7 +1,7 @@
 """Ray plumbing for the diversity baselines: stream chosen pool samples through embedding actors.
 
 Pool rows (only the requested ids are read) -> `PoolEmbedder` actors (decode, one forward each) ->
-driver, which gathers ``(id, pred, a[, e])`` for every sample: O(N (d + K)) floats, which is why the
+driver, which gathers ``(id, pred, prob, a[, e])`` for every sample: O(N (d + K)) floats, which is why the
 strategies that need whole-pool embeddings work on a candidate subsample (``scoring.candidates``).
 The math is `ray_dal.selection.embedding_parts`; the actor pool is configured like the scorers'
 (``scoring.num_scorers``, ``cpus_per_scorer``, ``gpus_per_scorer``, ``batch_size``).
@@ -17,6 +17,7 @@ import numpy as np
 import ray
 import torch
 
+from .. import console
 from .actors import (
     actor_device,
     check_weights,
@@ -25,24 +26,26 @@ from .actors import (
     scorer_gpus,
     use_cpu_share,
 )
-from .config import ConfigError, ModelConfig, ScoringConfig
-from .data import DEFAULT_TRANSFORM, ImageTransform, PoolInfo, inspect_pool, preprocess_batch, read_pool
-from .errors import carried, carry, original_errors
-from .scoring import final_linear
-from .selection import embedding_parts
+from ..config import ConfigError, ModelConfig, ScoringConfig
+from ..data import DEFAULT_TRANSFORM, ImageTransform, PoolInfo, inspect_pool, preprocess_batch, read_pool
+from ..errors import carried, carry, original_errors
+from ..scoring import final_linear
+from ..selection import embedding_parts
 
 
 @dataclass
 class PoolEmbedding:
     """Embeddings of pool samples, sorted by id.
 
-    ``ids`` [N] int64; ``pred`` [N] int64 (argmax class); ``features`` [N, d] float32 (the last linear
-    layer's input, ``a``); ``residuals`` [N, K] float32 (softmax - onehot(pred), ``e``) or None when not
-    asked for; ``skipped_ids``: images that could not be decoded under ``on_bad="skip"``.
+    ``ids`` [N] int64; ``pred`` [N] int64 (argmax class); ``prob`` [N] float32 (its softmax probability);
+    ``features`` [N, d] float32 (the last linear layer's input, ``a``); ``residuals`` [N, K] float32
+    (softmax - onehot(pred), ``e``) or None when not asked for; ``skipped_ids``: images that could not be
+    decoded under ``on_bad="skip"``.
     """
 
     ids: np.ndarray
     pred: np.ndarray
+    prob: np.ndarray
     features: np.ndarray
     residuals: np.ndarray | None
     skipped_ids: np.ndarray
@@ -75,12 +78,14 @@ class PoolEmbedder:
         kept = np.asarray(pre["id"], np.int64)
         skipped = np.setdiff1d(ids, kept)
         out = {"id": np.concatenate([kept, skipped]), "skipped": np.arange(ids.size) >= kept.size,
-               "pred": np.full(ids.size, -1, np.int64)}
+               "pred": np.full(ids.size, -1, np.int64), "prob": np.zeros(ids.size, np.float32)}
         for name in ("a", "e") if self.residuals else ("a",):
             out[name] = np.zeros((ids.size, self.widths[name]), np.float32)  # skipped rows stay 0
         if kept.size:
             a, e = embedding_parts(self.model, torch.from_numpy(pre["x"]).to(self.device))
-            out["pred"][: kept.size] = e.argmin(dim=1).cpu().numpy()  # e = p - onehot(argmax): most negative there
+            low = e.min(dim=1)  # e = p - onehot(argmax): most negative there, at p - 1
+            out["pred"][: kept.size] = low.indices.cpu().numpy()
+            out["prob"][: kept.size] = (low.values + 1).cpu().numpy()
             out["a"][: kept.size] = a.cpu().numpy()
             if self.residuals:
                 out["e"][: kept.size] = e.cpu().numpy()
@@ -97,7 +102,6 @@ def embed_pool(
     residuals: bool = False,
     transform: ImageTransform = DEFAULT_TRANSFORM,
     on_bad: str = "fail",
-    progress: bool = False,
 ) -> PoolEmbedding:
     """Embed the pool samples ``ids`` (unique; each must be in the pool) on an actor pool."""
     model_cfg = model_config(model_cfg)
@@ -117,13 +121,14 @@ def embed_pool(
         fn_constructor_kwargs=dict(model_cfg=model_cfg, state_ref=state_ref, residuals=residuals,
                                    transform=transform, on_bad=on_bad),
     )
-    ds.context.enable_progress_bars = progress
-    parts: dict[str, list[np.ndarray]] = {"id": [], "pred": [], "a": [], "e": [], "skipped": []}
-    with original_errors("a ray_dal.pool_embedding.PoolEmbedder actor"):
+    parts: dict[str, list[np.ndarray]] = {"id": [], "pred": [], "prob": [], "a": [], "e": [], "skipped": []}
+    with original_errors("a ray_dal.pipeline.pool_embedding.PoolEmbedder actor"), \
+            console.progress(ids.size, "embed", "img") as bar:
         for out in carried(ds).iter_batches(batch_size=None, batch_format="numpy"):
+            bar.update(out["id"].size)
             bad = out["skipped"]
             parts["skipped"].append(out["id"][bad])
-            for name in ("id", "pred", "a", "e") if residuals else ("id", "pred", "a"):
+            for name in ("id", "pred", "prob", "a", "e") if residuals else ("id", "pred", "prob", "a"):
                 parts[name].append(out[name][~bad])
     got = np.concatenate(parts["id"])
     order = np.argsort(got)
@@ -133,7 +138,7 @@ def embed_pool(
     if got.size == 0:
         raise ConfigError(f"none of the {ids.size} images to embed could be decoded; see data.on_bad_image")
     return PoolEmbedding(
-        ids=got[order], pred=np.concatenate(parts["pred"])[order],
+        ids=got[order], pred=np.concatenate(parts["pred"])[order], prob=np.concatenate(parts["prob"])[order],
         features=np.concatenate(parts["a"])[order],
         residuals=np.concatenate(parts["e"])[order] if residuals else None,
         skipped_ids=skipped, seconds=time.perf_counter() - start,

@@ -1,6 +1,6 @@
 """One round's query, whatever the strategy.
 
-- top-b strategies (dynamic, random, entropy, margin, confidence): `ray_dal.pool_scoring.score_pool`.
+- top-b strategies (dynamic, random, entropy, margin, confidence): `ray_dal.pipeline.pool_scoring.score_pool`.
 - ``coreset``: greedy k-center on the penultimate features of a candidate subsample of the unlabeled
   pool, the labeled set as initial centres (`ray_dal.selection.k_center_greedy`).
 - ``badge``: k-means++ seeding on the candidates' last-layer gradient embeddings, factorised
@@ -18,41 +18,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from .config import TOP_B_STRATEGIES, ConfigError, ModelConfig, ScoringConfig
-from .data import DEFAULT_TRANSFORM, ImageTransform, PoolInfo, read_ids
-from .pool_embedding import PoolEmbedding, embed_pool
-from .pool_scoring import score_pool
-from .selection import albl, k_center_greedy, kmeans_pp_seeding
+from ..config import TOP_B_STRATEGIES, ConfigError, ModelConfig, ScoringConfig
+from ..data import DEFAULT_TRANSFORM, ImageTransform, PoolInfo, read_ids
+from ..pipeline.pool_embedding import PoolEmbedding, embed_pool
+from ..pipeline.pool_scoring import PoolQuery, score_pool
+from ..selection import albl, k_center_greedy, kmeans_pp_seeding
 
 log = logging.getLogger("ray_dal")
-
-
-@dataclass
-class Query:
-    """The samples to label, in selection order (rank 0 first).
-
-    ``scores``: what chose them: the score (top-b strategies) or the squared distance to the nearest
-    centre when picked (coreset, badge). ``num_scored``: pool samples looked at (scored or embedded).
-    ``info``: strategy-specific, JSON-able facts for the round's metrics (ALBL's bandit state, the
-    candidate count).
-    """
-
-    ids: np.ndarray
-    scores: np.ndarray
-    num_scored: int
-    seconds: float
-    skipped_ids: np.ndarray
-    info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def samples_per_second(self) -> float:
-        return self.num_scored / self.seconds if self.seconds > 0 else float("inf")
 
 
 @dataclass
@@ -77,7 +55,7 @@ def select_query(
     seed: int,
     transform: ImageTransform = DEFAULT_TRANSFORM,
     on_bad: str = "fail",
-) -> Query:
+) -> PoolQuery:
     """The query of ``scoring_cfg.strategy``: ``budget`` pool ids, none in ``exclude_ids`` (which holds S)."""
     strategy = scoring_cfg.strategy
     common = dict(model_cfg=model_cfg, state_dict=state_dict, scoring_cfg=scoring_cfg, budget=budget,
@@ -94,10 +72,9 @@ def select_query(
 
 
 def _top_b(pool, *, grad_sum, model_cfg, state_dict, scoring_cfg, budget, exclude_ids, seed, transform,
-           on_bad) -> Query:
-    q = score_pool(pool, model_cfg=model_cfg, state_dict=state_dict, grad_sum=grad_sum, scoring_cfg=scoring_cfg,
-                   budget=budget, exclude_ids=exclude_ids, seed=seed, transform=transform, on_bad=on_bad)
-    return Query(q.ids, q.scores, q.num_scored, q.seconds, q.skipped_ids)
+           on_bad) -> PoolQuery:
+    return score_pool(pool, model_cfg=model_cfg, state_dict=state_dict, grad_sum=grad_sum, scoring_cfg=scoring_cfg,
+                      budget=budget, exclude_ids=exclude_ids, seed=seed, transform=transform, on_bad=on_bad)
 
 
 def candidate_ids(pool: PoolInfo, exclude_ids: np.ndarray, budget: int, limit: int | None, seed: int) -> np.ndarray:
@@ -122,12 +99,14 @@ def _embed(pool, ids, *, residuals, model_cfg, state_dict, scoring_cfg, transfor
 
 
 def _picked(cand: PoolEmbedding, picks: torch.Tensor, gaps: torch.Tensor, num_scored: int, seconds: float,
-            skipped: np.ndarray, info: dict) -> Query:
-    return Query(cand.ids[picks.numpy()], gaps.double().numpy(), num_scored, seconds, skipped, info)
+            skipped: np.ndarray, info: dict) -> PoolQuery:
+    rows = picks.numpy()
+    return PoolQuery(cand.ids[rows], gaps.double().numpy(), num_scored, seconds, skipped, cand.pred[rows],
+                 cand.prob[rows].astype(np.float64), info)
 
 
 def _coreset(pool, labeled: Labeled, *, model_cfg, state_dict, scoring_cfg, budget, exclude_ids, seed, transform,
-             on_bad, labeled_embedding: PoolEmbedding | None = None) -> Query:
+             on_bad, labeled_embedding: PoolEmbedding | None = None) -> PoolQuery:
     cand_ids = candidate_ids(pool, exclude_ids, budget, scoring_cfg.candidates, seed)
     emb = _embed(pool, cand_ids if labeled_embedding is not None else np.union1d(cand_ids, labeled.ids),
                  residuals=False, model_cfg=model_cfg, state_dict=state_dict, scoring_cfg=scoring_cfg,
@@ -140,7 +119,7 @@ def _coreset(pool, labeled: Labeled, *, model_cfg, state_dict, scoring_cfg, budg
                    {"candidates": int(cand.ids.size), "centres": int(centres.ids.size)})
 
 
-def _badge(pool, *, model_cfg, state_dict, scoring_cfg, budget, exclude_ids, seed, transform, on_bad) -> Query:
+def _badge(pool, *, model_cfg, state_dict, scoring_cfg, budget, exclude_ids, seed, transform, on_bad) -> PoolQuery:
     cand_ids = candidate_ids(pool, exclude_ids, budget, scoring_cfg.candidates, seed)
     emb = _embed(pool, cand_ids, residuals=True, model_cfg=model_cfg, state_dict=state_dict,
                  scoring_cfg=scoring_cfg, transform=transform, on_bad=on_bad)
@@ -153,7 +132,7 @@ def _badge(pool, *, model_cfg, state_dict, scoring_cfg, budget, exclude_ids, see
 def _subset(emb: PoolEmbedding, ids: np.ndarray) -> PoolEmbedding:
     """The rows of ``emb`` whose ids are in ``ids`` (skipped images are simply absent)."""
     rows = np.flatnonzero(np.isin(emb.ids, ids))
-    return PoolEmbedding(emb.ids[rows], emb.pred[rows], emb.features[rows],
+    return PoolEmbedding(emb.ids[rows], emb.pred[rows], emb.prob[rows], emb.features[rows],
                          None if emb.residuals is None else emb.residuals[rows], emb.skipped_ids, emb.seconds)
 
 
@@ -164,7 +143,7 @@ def _enough(cand: PoolEmbedding, budget: int) -> None:
 
 
 def _albl(pool, labeled: Labeled, *, model_cfg, state_dict, scoring_cfg, budget, exclude_ids, seed, transform,
-          on_bad) -> Query:
+          on_bad) -> PoolQuery:
     common = dict(model_cfg=model_cfg, state_dict=state_dict, scoring_cfg=scoring_cfg, transform=transform,
                   on_bad=on_bad)
     weights, reward, embedded = np.ones(len(albl.ARMS)), None, None

@@ -9,9 +9,9 @@ from typing import Any, Mapping
 import ray
 import torch
 
-from .config import ModelConfig, ScoringConfig
-from .errors import WeightsError
-from .models import build_model
+from ..config import ModelConfig, ScoringConfig
+from ..errors import WeightsError
+from ..models import build_model
 from .runtime import cluster_has_gpus
 
 

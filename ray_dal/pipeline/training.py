@@ -5,6 +5,12 @@
   computed by the same workers and all-reduced.
 - `evaluate(...)` / `count_correct(...)`: exact test accuracy through a Ray Data actor pool.
 
+Progress. `fit_round` runs ``trainer.fit()`` in a thread while the calling thread draws bars
+(`ray_dal.console.progress`) from what rank 0 puts into a queue: each epoch with its training accuracy,
+then G's progress. The queue is a ``ray.util.queue.Queue`` (an actor without CPUs), or a plain
+``queue.Queue`` when training runs in this process. Ctrl-C then stops the driver at once, not through
+Ray Train's graceful abort (which needs ``fit()`` on the main thread).
+
 Sharding. Ray Train's default split (``streaming_split(equal=True)``) drops rows to equalise shards,
 which would silently change G. Instead the driver partitions the labeled ids (a seeded permutation,
 dealt round-robin: shard sizes differ by at most one) and every worker reads the materialised labeled
@@ -33,7 +39,9 @@ import hashlib
 import io
 import json
 import math
+import queue
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,15 +61,18 @@ from ray.train import (
     ScalingConfig,
 )
 from ray.train.torch import TorchTrainer
+from ray.data import DataContext, ExecutionOptions
+from ray.util.queue import Queue as RayQueue
 from torch import nn
 
+from .. import console
 from .actors import actor_device, check_weights, load_model, use_cpu_share
-from .config import ExperimentConfig, ModelConfig, TrainConfig, validate
-from .data import DEFAULT_TRANSFORM, ImageTransform, PoolInfo, preprocess_batch, read_pool
-from .errors import carried, carry, original_errors
-from .models import build_model
+from ..config import ExperimentConfig, ModelConfig, TrainConfig, validate
+from ..data import DEFAULT_TRANSFORM, ImageTransform, PoolInfo, preprocess_batch, read_labeled, read_pool
+from ..errors import carried, carry, original_errors
+from ..models import build_model
 from .runtime import cluster_has_gpus
-from .scoring import labeled_gradient, scoped_parameters
+from ..scoring import labeled_gradient, scoped_parameters
 
 DATASET = "labeled"
 CHECKPOINT_FILE = "model.pt"
@@ -90,16 +101,20 @@ class RoundFit:
 
 
 def prepare_labeled(
-    pool: PoolInfo | str, ids: np.ndarray, transform: ImageTransform = DEFAULT_TRANSFORM, on_bad: str = "fail"
+    pool: PoolInfo | str, ids: np.ndarray, transform: ImageTransform = DEFAULT_TRANSFORM, on_bad: str = "fail",
+    labels: np.ndarray | None = None,
 ) -> ray.data.Dataset:
     """Read the rows ``ids`` of ``pool``, decode them once and materialise: columns ``id``, ``x``, ``label``.
+
+    ``label`` comes from ``labels`` (aligned with ``ids``) when given, else from the pool's label column.
 
     Raises ``ValueError`` for empty, non-integer or duplicate ids, or ids the pool does not hold, and
     ``ImageDecodeError`` (with the ids) for images that cannot be used; under ``on_bad="skip"`` those
     rows are left out instead (`dataset_ids` tells which ids remain).
     """
     ids = _check_ids(ids)
-    labeled = read_pool(pool, ids=ids).map_batches(
+    rows = read_pool(pool, ids=ids) if labels is None else read_labeled(pool, ids, labels)
+    labeled = rows.map_batches(
         carry(preprocess_batch), batch_format="numpy", fn_kwargs={"transform": transform, "on_bad": on_bad}
     )
     with original_errors("the decoding of the labeled set"):
@@ -131,7 +146,7 @@ def dataset_ids(labeled: ray.data.Dataset) -> np.ndarray:
     if missing:
         raise ValueError(
             f"the labeled dataset lacks column(s) {sorted(missing)} (has {sorted(columns)}); "
-            "build it with ray_dal.training.prepare_labeled"
+            "build it with ray_dal.pipeline.training.prepare_labeled"
         )
     chunks = [b["id"] for b in labeled.select_columns(["id"]).iter_batches(batch_format="numpy", batch_size=None)]
     return _check_ids(np.concatenate(chunks) if chunks else np.empty(0, np.int64))
@@ -196,6 +211,7 @@ def fit_round(
         "scope": scope,
         "compute_grad_sum": bool(compute_grad_sum),
         "checkpoint": not local,
+        "progress": queue.Queue() if local else RayQueue(actor_options={"num_cpus": 0}),
     }
     resources = {"CPU": float(train_cfg.cpus_per_worker)}  # use_gpu adds {"GPU": 1}
     trainer = TorchTrainer(
@@ -211,17 +227,77 @@ def fit_round(
             checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
         ),
         datasets={DATASET: labeled},
-        dataset_config=DataConfig(datasets_to_split=[]),
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=_ingest_options()),
     )
     try:
-        result = trainer.fit()
+        result = _fit_showing_progress(trainer, config["progress"], train_cfg.max_epochs)
     except Exception as e:  # Ray wraps worker errors (TrainingFailedError); name the round
         raise TrainingError(f"round {name!r} (storage {storage / name}) failed: {type(e).__name__}: {e}") from e
+    finally:
+        if not local:
+            config["progress"].shutdown()
     if result.return_value is None:
         raise TrainingError(f"round {name!r} (storage {storage / name}) finished without a result from rank 0")
     out = dict(result.return_value)
     out.update(torch.load(io.BytesIO(out.pop("tensors")), map_location="cpu", weights_only=True))
     return RoundFit(**out)
+
+
+def _ingest_options() -> ExecutionOptions:
+    """Ray Train's default ingest options, built without the deprecated ``exclude_resources`` (which
+    ``DataConfig`` passes, with a deprecation warning, when given none)."""
+    current = DataContext.get_current().execution_options
+    return ExecutionOptions(resource_limits=current.resource_limits, preserve_order=current.preserve_order,
+                            verbose_progress=current.verbose_progress)
+
+
+def _fit_showing_progress(trainer: TorchTrainer, updates, max_epochs: int):
+    """``trainer.fit()`` in a thread, while this thread mirrors the bars rank 0 describes in ``updates``."""
+    outcome: dict[str, Any] = {}
+
+    def fit():
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fit, name="ray_dal fit", daemon=True)
+    thread.start()
+    bar = console.progress(max_epochs, "train", _UNITS["train"])
+    bar.set_postfix("starting workers")
+    try:
+        while True:
+            finished = not thread.is_alive()  # read before draining: rank 0's puts all precede fit()'s return
+            try:
+                update = updates.get_nowait() if finished else updates.get(timeout=0.5)
+            except queue.Empty:
+                if finished:
+                    break
+                bar.refresh()
+                continue
+            bar = _show(bar, **update)
+    finally:
+        bar.close()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+_UNITS = {"train": "epoch", "G": "img"}  # the stages rank 0 reports
+
+
+def _show(bar, stage: str, n: int, total: int, postfix: str, start: bool):
+    """Bring ``bar`` (swapped for a new one when the stage changed) to rank 0's state; close it when complete."""
+    if bar.closed or bar.desc != stage:  # G follows the epochs; epochs follow G again only after a restart
+        bar.close()
+        bar = console.progress(total, stage, _UNITS[stage])
+    bar.update(n - bar.n)  # backwards after a restart from an earlier checkpoint
+    if start:
+        bar.restart_clock()
+    bar.set_postfix(postfix)
+    if n >= total:
+        bar.close()
+    return bar
 
 
 def _check_fit_inputs(model_cfg, train_cfg, init_state, scope, name, max_failures) -> None:
@@ -287,6 +363,8 @@ def _train_loop(config: dict) -> dict | None:
         total = sum(len(s) for s in shards)
         steps, step_counts = step_plan([len(s) for s in shards], train_cfg.batch_size)
         start = last_report = time.perf_counter()
+        if rank == 0:
+            _tell(config["progress"], "train", epoch, train_cfg.max_epochs, start=True)
         while not done:
             order = np.random.default_rng([config["seed"], epoch, rank]).permutation(len(y))
             correct, seen = _train_epoch(ddp, optimizer, x, y, np.array_split(order, steps), step_counts, world, device)
@@ -297,6 +375,8 @@ def _train_loop(config: dict) -> dict | None:
             if seen != total:
                 raise RuntimeError(f"epoch {epoch + 1} trained on {seen} samples, expected {total}")
             epoch, accuracy = epoch + 1, correct / seen
+            if rank == 0:
+                _tell(config["progress"], "train", epoch, train_cfg.max_epochs, f"accuracy {accuracy:.3f}")
             target = train_cfg.train_accuracy
             done = epoch >= train_cfg.max_epochs or (target is not None and accuracy >= target)
             if done or due:  # a report costs ~0.1-1 s (a barrier, a checkpoint written): not every short epoch
@@ -310,7 +390,11 @@ def _train_loop(config: dict) -> dict | None:
             start = time.perf_counter()
             batches = ((x[i : i + train_cfg.batch_size].to(device), y[i : i + train_cfg.batch_size].to(device))
                        for i in range(0, len(y), train_cfg.batch_size))
+            if rank == 0:
+                batches = _telling(config["progress"], batches, world, total)
             grad_sum = _all_reduce_sum(labeled_gradient(module, batches, config["scope"]))
+            if rank == 0:
+                _tell(config["progress"], "G", total, total)  # every worker's share is in the sum now
             grad_seconds = time.perf_counter() - start
     if rank != 0:
         return None
@@ -322,6 +406,26 @@ def _train_loop(config: dict) -> dict | None:
     torch.save(tensors, buffer)
     return {"tensors": buffer.getvalue(), "train_accuracy": float(accuracy), "epochs": int(epoch),
             "train_seconds": train_seconds, "grad_seconds": grad_seconds, "resumed_from_epoch": resumed_from_epoch}
+
+
+def _tell(updates, stage: str, n: int, total: int, postfix: str = "", start: bool = False) -> None:
+    """Tell the driver where ``stage`` stands (``start``: it begins now); never fail training over it (the driver
+    may have stopped listening)."""
+    try:
+        updates.put_nowait({"stage": stage, "n": n, "total": total, "postfix": postfix, "start": start})
+    except Exception:
+        pass
+
+
+def _telling(updates, batches, world: int, total: int):
+    """``batches`` (this worker's share), telling the driver after each about how many of all ``total`` samples G
+    has covered: ``world`` times this worker's count (the shares differ by one sample at most)."""
+    _tell(updates, "G", 0, total, start=True)
+    done = 0
+    for xb, yb in batches:
+        yield xb, yb
+        done += len(yb)
+        _tell(updates, "G", min(done * world, total - 1), total)  # the last count comes after the all-reduce
 
 
 def _model_and_optimizer(config: dict, model_cfg: ModelConfig, train_cfg: TrainConfig):
@@ -517,11 +621,13 @@ def count_correct(
     )
     correct = total = 0
     skipped = []
-    with original_errors("a ray_dal.training evaluation actor"):
+    with original_errors("a ray_dal.pipeline.training evaluation actor"), \
+            console.progress(test._meta_count(), "test", "img") as bar:  # rows known without executing, else None
         for batch in carried(counts).iter_batches(batch_format="numpy", batch_size=None):
             correct += int(batch["correct"].sum())
             total += int(batch["n"].sum())
             skipped.append(batch["id"][batch["skipped"]])
+            bar.update(int(batch["n"].sum() + batch["skipped"].sum()))
     return correct, total, np.sort(np.concatenate(skipped)) if skipped else np.empty(0, np.int64)
 
 

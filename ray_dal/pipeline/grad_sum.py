@@ -13,12 +13,13 @@ import numpy as np
 import ray
 import torch
 
+from .. import console
 from .actors import actor_device, load_model, use_cpu_share
-from .config import ModelConfig
-from .data import DEFAULT_TRANSFORM, ImageTransform, PoolInfo, preprocess_batch, read_pool
-from .errors import carried, carry, original_errors
+from ..config import ModelConfig
+from ..data import DEFAULT_TRANSFORM, ImageTransform, PoolInfo, preprocess_batch, read_pool
+from ..errors import carried, carry, original_errors
 from .runtime import cluster_has_gpus
-from .scoring import labeled_gradient, scoped_parameters
+from ..scoring import labeled_gradient, scoped_parameters
 
 
 class _PartialGradSum:
@@ -67,10 +68,12 @@ def pool_grad_sum(
                                    scope=scope, transform=transform),
     )
     total, count = np.zeros(sum(int(np.prod(s)) for s in shapes.values())), 0
-    with original_errors("a ray_dal.grad_sum actor (G over the labeled samples)"):
+    with original_errors("a ray_dal.pipeline.grad_sum actor (G over the labeled samples)"), \
+            console.progress(len(ids), "G", "img") as bar:
         for out in carried(ds).iter_batches(batch_size=None, batch_format="numpy"):
             total += out["g"].sum(0)
             count += int(out["n"].sum())
+            bar.update(int(out["n"].sum()))
     if count != len(ids):
         raise RuntimeError(f"G summed {count} labeled samples, expected {len(ids)}")
     grads, start = {}, 0

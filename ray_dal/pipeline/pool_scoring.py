@@ -1,8 +1,8 @@
 """Score an unlabeled pool with Ray Data scoring actors and return its top-b (ids, scores).
 
 Pool -> read tasks (one per row group) -> `PoolScorer` actors (decode, drop excluded ids, score,
-keep the batch's own top-b) -> driver (`TopB` merge). Only ids and scores reach the driver: memory
-there is O(b) plus one block of per-batch top-b's, never O(pool). The math lives in `ray_dal.scoring`, the decoding in
+keep the batch's own top-b) -> driver (`TopB` merge). Only ids, scores and the model's prediction of the
+kept samples reach the driver: memory there is O(b) plus one block of per-batch top-b's, never O(pool). The math lives in `ray_dal.scoring`, the decoding in
 `ray_dal.data`, the selection in `ray_dal.topk`; this module only moves things between them.
 
 Faults. Ray Data 2.60 creates actor-pool actors with ``max_restarts=-1, max_task_retries=-1``
@@ -16,15 +16,17 @@ actor) fails after ``runtime.no_progress_timeout_s``.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import dataclass
-from typing import Any, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import ray
 import torch
 
-from ray_dal.actors import (
+from ray_dal import console
+from ray_dal.pipeline.actors import (
     actor_device,
     check_weights,
     load_model,
@@ -52,19 +54,25 @@ from ray_dal.scoring import (
     margin,
     random_scores,
 )
+from ray_dal.scoring.modes import eval_mode
 from ray_dal.scoring.params import check_grad_sum, scoped_parameters
-from ray_dal.topk import TopB, top_b
+from ray_dal.topk import TopB, top_b_rows
 
 _UNCERTAINTY = {"entropy": entropy, "margin": margin, "confidence": least_confidence}
 
 
-@dataclass(frozen=True)
+@dataclass
 class PoolQuery:
-    """The pool's top-b: ``ids`` int64 [b] and ``scores`` float64 [b], sorted by (score desc, id asc).
+    """A query: ``ids`` int64 [b] in selection order (rank 0 first), ``scores`` float64 [b] what chose them.
 
-    ``num_scored`` counts the unlabeled samples scored (pool minus excluded ids minus skipped bad
-    images); ``skipped_ids`` lists images that failed to decode under ``on_bad="skip"``; ``seconds``
-    is the wall time of the whole pipeline (actor start-up included).
+    `score_pool` sorts by (score desc, id asc); the diversity strategies (`ray_dal.loop.query`) give the
+    squared distance to the nearest centre when picked. ``pred`` int64 [b] and ``prob`` float64 [b]: the
+    model's predicted class of each and its softmax probability (-1 and NaN when no model was given: the
+    random strategy without weights). ``num_scored`` counts the unlabeled samples scored or embedded
+    (pool minus excluded ids minus skipped bad images); ``skipped_ids`` lists images that failed to
+    decode under ``on_bad="skip"``; ``seconds`` is the wall time of the whole pipeline (actor start-up
+    included); ``info``: strategy-specific, JSON-able facts for the round's metrics (ALBL's bandit state,
+    the candidate count).
     """
 
     ids: np.ndarray
@@ -72,6 +80,9 @@ class PoolQuery:
     num_scored: int
     seconds: float
     skipped_ids: np.ndarray
+    pred: np.ndarray
+    prob: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def samples_per_second(self) -> float:
@@ -81,7 +92,7 @@ class PoolQuery:
 def _check_strategy(strategy: str) -> None:
     if strategy not in TOP_B_STRATEGIES:
         raise ValueError(f"score_pool ranks by a per-sample score: strategy {strategy!r} is not one of "
-                         f"{list(TOP_B_STRATEGIES)} (coreset, badge and albl go through ray_dal.query.select_query)")
+                         f"{list(TOP_B_STRATEGIES)} (coreset, badge and albl go through ray_dal.loop.query.select_query)")
 
 
 def _as_ids(exclude_ids: Any) -> np.ndarray:
@@ -96,7 +107,8 @@ def _as_ids(exclude_ids: Any) -> np.ndarray:
 class PoolScorer:
     """Callable class for ``map_batches``: one model per actor; each batch in, its top-``budget`` out.
 
-    Output per batch (numpy): ``id`` int64, ``score`` float64, ``skipped`` bool (True: an image that
+    Output per batch (numpy): ``id`` int64, ``score`` float64, ``pred`` int64 / ``prob`` float64 (the
+    model's class and its probability; -1 / NaN without a model), ``skipped`` bool (True: an image that
     failed to decode under ``on_bad="skip"``, score 0, not a candidate) and ``num_scored`` int64,
     which holds the batch's count of scored samples on its first row and 0 elsewhere (so the column's
     sum over all batches is the number of samples scored). Errors reach the driver as themselves
@@ -125,30 +137,45 @@ class PoolScorer:
         self.device = actor_device()
         use_cpu_share()
         self.model = self.grad_sum = None
-        if strategy == "random":
-            return  # random scores need no model
+        if state_ref is None:
+            return  # random scores need no model; without one there is no prediction either
         self.model = load_model(model_cfg, state_ref, self.device)
         if strategy == "dynamic":
             grad_sum = resolve(grad_ref)
             if grad_sum is not None:
                 self.grad_sum = {n: g.to(self.device) for n, g in grad_sum.items()}
 
-    def _scores(self, ids: np.ndarray, x: torch.Tensor) -> np.ndarray:
+    def _scores(self, ids: np.ndarray, x: torch.Tensor) -> tuple[np.ndarray, torch.Tensor | None]:
+        """(scores float64 [N], the model's logits [N, K] when scoring computed them, else None)."""
         if self.strategy == "random":
-            return random_scores(ids, self.seed)
+            return random_scores(ids, self.seed), None
         x = x.to(self.device)
         if self.strategy == "dynamic":
-            scores = dynamic_scores(self.model, x, self.grad_sum, gamma=self.gamma, scope=self.scope)
+            with _first_output(self.model) as out:
+                scores = dynamic_scores(self.model, x, self.grad_sum, gamma=self.gamma, scope=self.scope)
+            logits = out[0]
         else:
             with torch.inference_mode():
-                scores = _UNCERTAINTY[self.strategy](self.model(x))
-        return scores.detach().to("cpu", torch.float64).numpy()
+                logits = self.model(x)
+            scores = _UNCERTAINTY[self.strategy](logits)
+        return scores.detach().to("cpu", torch.float64).numpy(), logits.detach()
+
+    def _predictions(self, x: torch.Tensor, logits: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
+        """(class int64 [N], its probability float64 [N]) of the rows of ``x`` (``logits`` when known)."""
+        if self.model is None:
+            return np.full(len(x), -1, np.int64), np.full(len(x), np.nan)
+        if logits is None:
+            with eval_mode(self.model), torch.inference_mode():
+                logits = self.model(x.to(self.device))
+        prob, pred = torch.softmax(logits.float(), dim=1).max(dim=1)
+        return pred.cpu().numpy().astype(np.int64), prob.cpu().double().numpy()
 
     @carry
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = np.asarray(batch["id"], dtype=np.int64)
         keep = ~np.isin(ids, self.exclude_ids)
         top_ids, top_scores, skipped = np.empty(0, np.int64), np.empty(0, np.float64), np.empty(0, np.int64)
+        pred, prob = np.empty(0, np.int64), np.empty(0, np.float64)
         count = 0
         if keep.any():
             kept = {name: np.asarray(col)[keep] for name, col in batch.items()}  # a copy: batches are read-only
@@ -158,7 +185,10 @@ class PoolScorer:
             count = scored_ids.size
             if count:
                 x = torch.from_numpy(pre["x"])
-                top_ids, top_scores = top_b(scored_ids, self._scores(scored_ids, x), self.budget)
+                scores, logits = self._scores(scored_ids, x)
+                rows = top_b_rows(scored_ids, scores, self.budget)
+                top_ids, top_scores = scored_ids[rows], scores[rows]
+                pred, prob = self._predictions(x[rows], None if logits is None else logits[rows])
         n = top_ids.size + skipped.size
         num_scored = np.zeros(n, np.int64)
         if n:
@@ -166,6 +196,8 @@ class PoolScorer:
         return {
             "id": np.concatenate([top_ids, skipped]),
             "score": np.concatenate([top_scores, np.zeros(skipped.size)]),
+            "pred": np.concatenate([pred, np.full(skipped.size, -1, np.int64)]),
+            "prob": np.concatenate([prob, np.full(skipped.size, np.nan)]),
             "skipped": np.arange(n) >= top_ids.size,
             "num_scored": num_scored,
         }
@@ -181,7 +213,6 @@ def score_pool(
     budget: int,
     exclude_ids: np.ndarray,
     seed: int,
-    progress: bool = True,
     transform: ImageTransform = DEFAULT_TRANSFORM,
     on_bad: str = "fail",
 ) -> PoolQuery:
@@ -190,7 +221,7 @@ def score_pool(
     ``pool`` is what `ray_dal.data.read_pool` takes. ``state_dict`` (of ``build_model(**model_cfg)``)
     and ``grad_sum`` (G, from `ray_dal.scoring.labeled_gradient` with the same scope; needed for
     ``strategy="dynamic"`` unless gamma == 0) are put in the object store once and fetched once per
-    actor. Needs a running Ray (`ray_dal.runtime.init_ray`). Errors inside the pipeline are re-raised
+    actor. Needs a running Ray (`ray_dal.pipeline.runtime.init_ray`). Errors inside the pipeline are re-raised
     as their root cause (e.g. ``ray_dal.topk.NonFiniteScoreError``, ``ray_dal.data.ImageDecodeError``,
     with their ids). ``seconds`` runs from shipping the weights to the merged result.
     """
@@ -209,7 +240,7 @@ def score_pool(
         )
     start = time.perf_counter()
     state_ref = grad_ref = None
-    if strategy != "random":
+    if strategy != "random" or state_dict is not None:
         _check_model_inputs(model_cfg, state_dict, grad_sum, scoring_cfg)
         state_ref = ray.put({n: t.detach().cpu() for n, t in state_dict.items()})
         if strategy == "dynamic" and grad_sum is not None:
@@ -227,23 +258,38 @@ def score_pool(
             exclude_ids=exclude, transform=transform, on_bad=on_bad,
         ),
     )
-    ds.context.enable_progress_bars = progress
     merged, num_scored, skipped = TopB(int(budget)), 0, []
-    with original_errors("a ray_dal.pool_scoring.PoolScorer actor"):  # the scorer's own error, not Ray's wrapping
+    # The scorer's own error, not Ray's wrapping; the bar counts unlabeled samples done (scored or skipped).
+    with original_errors("a ray_dal.pipeline.pool_scoring.PoolScorer actor"), \
+            console.progress(unlabeled, "score", "img") as bar:
         for out in carried(ds).iter_batches(batch_size=None, batch_format="numpy"):
             bad = out["skipped"]
-            merged.add(out["id"][~bad], out["score"][~bad])
+            merged.add(out["id"][~bad], out["score"][~bad], pred=out["pred"][~bad], prob=out["prob"][~bad])
             skipped.append(out["id"][bad])
             num_scored += int(out["num_scored"].sum())
+            bar.update(int(out["num_scored"].sum()) + int(bad.sum()))
     seconds = time.perf_counter() - start
     ids, scores = merged.result()
+    predicted = merged.columns()
     skipped_ids = np.sort(np.concatenate(skipped)) if skipped else np.empty(0, np.int64)
     if ids.size < budget:
         raise ConfigError(
             f"budget b = {budget} exceeds the {num_scored} samples that could be scored "
             f"({skipped_ids.size} bad image(s) skipped, e.g. ids {skipped_ids[:10].tolist()}); lower b"
         )
-    return PoolQuery(ids=ids, scores=scores, num_scored=num_scored, seconds=seconds, skipped_ids=skipped_ids)
+    return PoolQuery(ids=ids, scores=scores, num_scored=num_scored, seconds=seconds, skipped_ids=skipped_ids,
+                     pred=predicted.get("pred", np.empty(0, np.int64)), prob=predicted.get("prob", np.empty(0)))
+
+
+@contextlib.contextmanager
+def _first_output(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect ``model``'s outputs while the block runs; ``[0]`` is the first call's (the logits scored)."""
+    seen: list[torch.Tensor] = []
+    handle = model.register_forward_hook(lambda _m, _args, output: seen.append(output))
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 def _check_model_inputs(model_cfg: ModelConfig, state_dict, grad_sum, scoring_cfg: ScoringConfig) -> None:

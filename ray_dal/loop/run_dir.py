@@ -4,8 +4,10 @@
     OUT/metrics.jsonl                one JSON line per completed round
     OUT/round_000/labeled.parquet    (id, label) of the labeled set S used in that round
     OUT/round_000/model.pt           state_dict trained on S (load with torch.load(..., weights_only=True))
-    OUT/round_000/selected.parquet   (id, score, rank) of the query chosen by that model (not in the last round)
+    OUT/round_000/selected.parquet   (id, score, rank, pred, prob) of the query chosen by that model, with its
+                                     predicted class and that class's probability (not in the last round)
     OUT/round_000/metrics.json       that round's metrics line
+    OUT/logs/ray.log                 ray_dal's log lines and Ray's own output (`ray_dal.console`)
 
 A round is written into ``OUT/.round_000.partial`` and renamed into place once every file is on
 disk, so a ``round_*`` folder is always complete: a run killed at any point resumes after its last
@@ -23,7 +25,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -31,8 +33,8 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
-from .actors import load_weights_file
-from .config import ConfigError, ExperimentConfig, save_config
+from ..pipeline.actors import load_weights_file
+from ..config import ConfigError, ExperimentConfig, save_config
 
 _ROUND = re.compile(r"^round_(\d{3,})$")
 
@@ -42,6 +44,8 @@ _ROUND = re.compile(r"^round_(\d{3,})$")
 _NOT_IDENTITY = {"runtime": None, "data": {"data_dir", "on_bad_image"}, "loop": {"out"},
                  "scoring": {"num_scorers", "cpus_per_scorer", "gpus_per_scorer", "batch_size"},
                  "train": {"cpus_per_worker", "use_gpu", "checkpoint_every_s"}}
+# A run whose labels come from people (`ray-dal round`) takes each round's labels file and budget as they come.
+_NOT_IDENTITY_WITH_PEOPLE = {"labels", "budget", "initial", "rounds"}
 
 
 @dataclass
@@ -58,6 +62,10 @@ class Round:
 class RunDir:
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().resolve()
+
+    @property
+    def log_file(self) -> Path:
+        return self.root / "logs" / "ray.log"
 
     def round_path(self, index: int) -> Path:
         return self.root / f"round_{index:03d}"
@@ -115,9 +123,12 @@ class RunDir:
         labeled_labels: np.ndarray,
         state_dict: dict[str, torch.Tensor],
         metrics: dict[str, Any],
-        selected: tuple[np.ndarray, np.ndarray] | None,
+        selected: Mapping[str, np.ndarray] | None,
     ) -> Path:
-        """Write every file of round ``index`` into a partial folder, then rename it into place."""
+        """Write every file of round ``index`` into a partial folder, then rename it into place.
+
+        ``selected``: the query's columns ``id`` and ``score`` in rank order, and ``pred``/``prob`` (`query_table`).
+        """
         final, partial = self.round_path(index), self.root / f".round_{index:03d}.partial"
         if final.exists():
             raise FileExistsError(f"{final} is already complete; a round is never written twice")
@@ -127,9 +138,7 @@ class RunDir:
                                  "label": np.asarray(labeled_labels, np.int64)}), partial / "labeled.parquet")
         torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, partial / "model.pt")
         if selected is not None:
-            ids, scores = selected
-            pq.write_table(pa.table({"id": np.asarray(ids, np.int64), "score": np.asarray(scores, np.float64),
-                                     "rank": np.arange(len(ids), dtype=np.int64)}), partial / "selected.parquet")
+            pq.write_table(query_table(**selected), partial / "selected.parquet")
         (partial / "metrics.json").write_text(json.dumps(metrics))
         _fsync_tree(partial)
         os.rename(partial, final)
@@ -149,10 +158,24 @@ class RunDir:
         _atomic_write(self.root / "metrics.jsonl", lambda tmp: Path(tmp).write_text(lines))
 
 
+def query_table(id: np.ndarray, score: np.ndarray, pred: np.ndarray | None = None,
+                prob: np.ndarray | None = None) -> pa.Table:
+    """A query as written to disk: ``id``, ``score``, ``rank`` (0 first) and, when known, the model's
+    predicted class ``pred`` and its probability ``prob``."""
+    columns = {"id": np.asarray(id, np.int64), "score": np.asarray(score, np.float64),
+               "rank": np.arange(len(id), dtype=np.int64)}
+    if pred is not None:
+        columns.update(pred=np.asarray(pred, np.int64), prob=np.asarray(prob, np.float64))
+    return pa.table(columns)
+
+
 def _identity_diffs(before: dict, now: dict) -> list[str]:
+    not_identity = dict(_NOT_IDENTITY)
+    if all((config.get("loop") or {}).get("labels") for config in (before, now)):
+        not_identity["loop"] = _NOT_IDENTITY["loop"] | _NOT_IDENTITY_WITH_PEOPLE
     diffs = []
     for section in sorted(set(before) | set(now)):
-        skip = _NOT_IDENTITY.get(section, set())
+        skip = not_identity.get(section, set())
         if skip is None:
             continue
         old, new = before.get(section) or {}, now.get(section) or {}

@@ -1,0 +1,1 @@
+"""Integrations with tools outside Ray, e.g. annotation tools (`label_studio`)."""
