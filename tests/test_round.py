@@ -113,6 +113,9 @@ def test_rounds_from_labels_files_are_the_simulated_rounds(finished_run, cifar10
         ray_dal(round_argv(pool, tmp_path / "labels.csv", fresh, 100, "--classes", ",".join(CLASSES)), capsys)
     assert "data.classes: None before" in capsys.readouterr().err
 
+    # A round 2 killed mid-training with other labels left Ray Train checkpoints behind: they are not resumed.
+    (run / "ray_train" / "round_002").mkdir(parents=True)
+    (run / "ray_train" / "round_002" / "round.json").write_text(json.dumps({"fingerprint": "other labels"}))
     ints = tmp_path / "labels.parquet"
     pq.write_table(pa.table({"id": ids, "label": [CLASSES.index(n) for n in names]}), ints)
     out = ray_dal(round_argv(pool, ints, run, 100, "--eval-labels", tmp_path / "held_out.parquet"), capsys)

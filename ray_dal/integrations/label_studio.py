@@ -335,9 +335,9 @@ class LabelStudio:
                 paths[rid] = task["data"]["path"]
             n_tasks += 1
         labels, conflicts, n_skipped, n_unlabeled = {}, [], 0, 0
-        for rid, annotations in sorted(by_id.items()):
+        for rid, of_task in sorted(by_id.items()):
             chosen = []  # (updated_at, id, label) of the annotations that chose a class
-            for annotation in annotations:
+            for annotation in of_task:
                 label = None if annotation.get("was_cancelled") else self._label(annotation, classes)
                 if label is not None:
                     chosen.append((_timestamp(annotation["updated_at"]), annotation["id"], label))
@@ -345,7 +345,7 @@ class LabelStudio:
                 labels[rid] = max(chosen)[2]
                 if len({label for *_, label in chosen}) > 1:
                     conflicts.append(rid)
-            elif any(a.get("was_cancelled") for a in annotations):
+            elif any(a.get("was_cancelled") for a in of_task):
                 n_skipped += 1
             else:
                 n_unlabeled += 1

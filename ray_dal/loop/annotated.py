@@ -11,6 +11,7 @@ starts, and bad input writes nothing.
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +19,8 @@ import numpy as np
 
 from ..config import ConfigError, ExperimentConfig
 from ..data import DATASETS, PoolInfo, inspect_pool, load_labels, resolve_pool
-from ..models import available_models
 from ..pipeline.runtime import init_ray
-from .rounds import Evaluation, RoundInputs, latest_weights, run_round
+from .rounds import Evaluation, RoundInputs, check_registered, latest_weights, run_round
 from .run_dir import RunDir
 
 log = logging.getLogger("ray_dal")
@@ -50,11 +50,7 @@ def run_annotated_round(cfg: ExperimentConfig, eval_labels: str | Path | None = 
     """One round on ``cfg.data.data_dir`` (the pool) with the labels in ``cfg.loop.labels``, into ``cfg.loop.out``."""
     if cfg.loop.labels is None:
         raise ConfigError("loop.labels must name the labels file (--labels) of a round whose labels come from people")
-    if cfg.model.name not in available_models():
-        raise ConfigError(f"model.name = {cfg.model.name!r} is not a registered model; choose one of "
-                          f"{available_models()} or register yours with ray_dal.models.register_model")
-    if cfg.data.dataset not in DATASETS:
-        raise ConfigError(f"data.dataset = {cfg.data.dataset!r} is not supported; choose one of {sorted(DATASETS)}")
+    check_registered(cfg)
     pool = inspect_pool(resolve_pool(cfg.data.data_dir))
     labeled = _read(cfg.loop.labels, cfg, pool, "--labels")
     held_out = None if eval_labels is None else _read(eval_labels, cfg, pool, "--eval-labels")
@@ -77,9 +73,12 @@ def run_annotated_round(cfg: ExperimentConfig, eval_labels: str | Path | None = 
         return RoundResult(run, last.index, False, run.metrics()[-1])
     change = _change(last, labeled)
     state = latest_weights(cfg, run, last)
+    r = len(done)
+    # Ray Train's checkpoints of a round that was never committed: its labels may have changed since, so
+    # it starts again from the last committed model (Ray Train would refuse a folder of other inputs).
+    shutil.rmtree(run.root / "ray_train" / f"round_{r:03d}", ignore_errors=True)
     init_ray(cfg.runtime.num_cpus, cfg.runtime.no_progress_timeout_s)
     evaluation = None if held_out is None else Evaluation("eval", pool, held_out.ids, held_out.labels)
-    r = len(done)
     transform = DATASETS[cfg.data.dataset].transform(cfg.data.image_size)
     _, metrics = run_round(cfg, run, RoundInputs(r, pool, transform, labeled.ids, labeled.labels, exclude,
                                                  cfg.loop.budget, evaluation, change), state)

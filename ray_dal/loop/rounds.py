@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, ExperimentConfig
-from ..data import ImageTransform, PoolInfo, preprocess_batch, read_labeled, read_pool, read_rows
-from ..models import build_model
+from ..data import DATASETS, ImageTransform, PoolInfo, preprocess_batch, read_labeled, read_pool, read_rows
+from ..models import available_models, build_model
 from ..pipeline.actors import check_weights, load_model
 from ..pipeline.training import count_correct, dataset_ids, fit_round, prepare_labeled
 from ..pipeline.pool_scoring import PoolQuery
@@ -56,6 +56,15 @@ class RoundInputs:
     budget: int | None  # samples to query; None: this round only trains and evaluates
     evaluation: Evaluation | None = None
     metrics: dict[str, Any] = field(default_factory=dict)  # added to the round's metrics.json as they are
+
+
+def check_registered(cfg: ExperimentConfig) -> None:
+    """`ConfigError` unless ``data.dataset`` and ``model.name`` name a registered dataset and model."""
+    if cfg.data.dataset not in DATASETS:
+        raise ConfigError(f"data.dataset = {cfg.data.dataset!r} is not supported; choose one of {sorted(DATASETS)}")
+    if cfg.model.name not in available_models():
+        raise ConfigError(f"model.name = {cfg.model.name!r} is not a registered model; choose one of "
+                          f"{available_models()} or register yours with ray_dal.models.register_model")
 
 
 def latest_weights(cfg: ExperimentConfig, run: RunDir, last: Round | None) -> dict:
@@ -133,7 +142,7 @@ def _evaluate(cfg: ExperimentConfig, rnd: RoundInputs, state_dict: dict) -> tupl
     rows = read_pool(ev.pool, ids=ev.ids) if ev.labels is None else read_labeled(ev.pool, ev.ids, ev.labels)
     correct, tested, skipped = count_correct(
         cfg.model, state_dict, rows, num_actors=cfg.scoring.num_scorers, cpus_per_actor=cfg.scoring.cpus_per_scorer,
-        transform=rnd.transform, on_bad=cfg.data.on_bad_image)
+        transform=rnd.transform, on_bad=cfg.data.on_bad_image, name=ev.name)
     if tested == 0:
         raise ConfigError(f"no held-out image of {ev.pool.source} could be decoded; see data.on_bad_image")
     return correct / tested, time.perf_counter() - start, skipped

@@ -16,9 +16,8 @@ import numpy as np
 
 from ..config import ConfigError, ExperimentConfig
 from ..data import DATASETS, ImageTransform, PoolInfo, inspect_pool, read_labels
-from ..models import available_models
 from ..pipeline.runtime import init_ray
-from .rounds import Evaluation, RoundInputs, latest_weights, run_round
+from .rounds import Evaluation, RoundInputs, check_registered, latest_weights, run_round
 from .run_dir import RunDir
 
 log = logging.getLogger("ray_dal")
@@ -43,12 +42,8 @@ def load_experiment(cfg: ExperimentConfig) -> Experiment:
     Reads footers and the id/label columns only (no image, no Ray). Raises `ConfigError` or
     ``PoolError`` naming the value and the fix.
     """
-    if cfg.data.dataset not in DATASETS:
-        raise ConfigError(f"data.dataset = {cfg.data.dataset!r} is not supported; choose one of {sorted(DATASETS)}")
+    check_registered(cfg)
     dataset = DATASETS[cfg.data.dataset]
-    if cfg.model.name not in available_models():
-        raise ConfigError(f"model.name = {cfg.model.name!r} is not a registered model; choose one of "
-                          f"{available_models()} or register yours with ray_dal.models.register_model")
     train_path, test_path = dataset.resolve(cfg.data.data_dir)
     train, test = inspect_pool(train_path), inspect_pool(test_path)
     rng = np.random.default_rng(cfg.loop.seed)

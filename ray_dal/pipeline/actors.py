@@ -91,6 +91,22 @@ def scorer_gpus(scoring_cfg: ScoringConfig) -> float:
     return 1 if cluster_has_gpus() else 0
 
 
+def map_on_scorers(ds: ray.data.Dataset, actor_class: type, scoring_cfg: ScoringConfig,
+                   **constructor_kwargs: Any) -> ray.data.Dataset:
+    """``ds.map_batches(actor_class)`` (numpy batches of ``scoring.batch_size``) on the scorers' actor pool:
+    ``scoring.num_scorers`` actors, each reserving ``cpus_per_scorer`` CPUs and `scorer_gpus` GPUs and built
+    with ``constructor_kwargs``. Ray Data's defaults restart a dead actor and retry its batches."""
+    return ds.map_batches(
+        actor_class,
+        compute=ray.data.ActorPoolStrategy(size=scoring_cfg.num_scorers),
+        num_cpus=scoring_cfg.cpus_per_scorer,
+        num_gpus=scorer_gpus(scoring_cfg),
+        batch_size=scoring_cfg.batch_size,
+        batch_format="numpy",
+        fn_constructor_kwargs=constructor_kwargs,
+    )
+
+
 def actor_device(use_gpu: bool = True) -> torch.device:
     return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
 

@@ -23,7 +23,7 @@ from .actors import (
     check_weights,
     load_model,
     model_config,
-    scorer_gpus,
+    map_on_scorers,
     use_cpu_share,
 )
 from ..config import ConfigError, ModelConfig, ScoringConfig
@@ -111,16 +111,9 @@ def embed_pool(
         raise ValueError(f"ids must be a non-empty 1-D array of unique sample ids; got shape {ids.shape}")
     start = time.perf_counter()
     state_ref = ray.put({n: t.detach().cpu() for n, t in check_weights(model_cfg, state_dict, "state_dict").items()})
-    ds = read_pool(info, columns=("id", "image"), ids=ids, preserve_order=False).map_batches(
-        PoolEmbedder,
-        compute=ray.data.ActorPoolStrategy(size=scoring_cfg.num_scorers),
-        num_cpus=scoring_cfg.cpus_per_scorer,
-        num_gpus=scorer_gpus(scoring_cfg),
-        batch_size=scoring_cfg.batch_size,
-        batch_format="numpy",
-        fn_constructor_kwargs=dict(model_cfg=model_cfg, state_ref=state_ref, residuals=residuals,
-                                   transform=transform, on_bad=on_bad),
-    )
+    ds = map_on_scorers(read_pool(info, columns=("id", "image"), ids=ids, preserve_order=False), PoolEmbedder,
+                        scoring_cfg, model_cfg=model_cfg, state_ref=state_ref, residuals=residuals,
+                        transform=transform, on_bad=on_bad)
     parts: dict[str, list[np.ndarray]] = {"id": [], "pred": [], "prob": [], "a": [], "e": [], "skipped": []}
     with original_errors("a ray_dal.pipeline.pool_embedding.PoolEmbedder actor"), \
             console.progress(ids.size, "embed", "img") as bar:

@@ -32,7 +32,7 @@ from ray_dal.pipeline.actors import (
     load_model,
     model_config,
     resolve,
-    scorer_gpus,
+    map_on_scorers,
     use_cpu_share,
 )
 from ray_dal.config import TOP_B_STRATEGIES, ConfigError, ModelConfig, ScoringConfig
@@ -245,18 +245,11 @@ def score_pool(
         state_ref = ray.put({n: t.detach().cpu() for n, t in state_dict.items()})
         if strategy == "dynamic" and grad_sum is not None:
             grad_ref = ray.put({n: t.detach().cpu() for n, t in grad_sum.items()})
-    ds = read_pool(info, columns=("id", "image"), preserve_order=False).map_batches(
-        PoolScorer,
-        compute=ray.data.ActorPoolStrategy(size=scoring_cfg.num_scorers),
-        num_cpus=scoring_cfg.cpus_per_scorer,
-        num_gpus=scorer_gpus(scoring_cfg),
-        batch_size=scoring_cfg.batch_size,
-        batch_format="numpy",
-        fn_constructor_kwargs=dict(
-            model_cfg=model_cfg, state_ref=state_ref, grad_ref=grad_ref, strategy=strategy,
-            gamma=scoring_cfg.gamma, scope=scoring_cfg.scope, seed=seed, budget=int(budget),
-            exclude_ids=exclude, transform=transform, on_bad=on_bad,
-        ),
+    ds = map_on_scorers(
+        read_pool(info, columns=("id", "image"), preserve_order=False), PoolScorer, scoring_cfg,
+        model_cfg=model_cfg, state_ref=state_ref, grad_ref=grad_ref, strategy=strategy, gamma=scoring_cfg.gamma,
+        scope=scoring_cfg.scope, seed=seed, budget=int(budget), exclude_ids=exclude, transform=transform,
+        on_bad=on_bad,
     )
     merged, num_scored, skipped = TopB(int(budget)), 0, []
     # The scorer's own error, not Ray's wrapping; the bar counts unlabeled samples done (scored or skipped).

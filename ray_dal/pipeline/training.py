@@ -591,12 +591,14 @@ def count_correct(
     cpus_per_actor: float = 0.5,
     transform: ImageTransform = DEFAULT_TRANSFORM,
     on_bad: str = "fail",
+    name: str = "test",
 ) -> tuple[int, int, np.ndarray]:
     """(correct, rows evaluated, ids of images skipped under ``on_bad="skip"``) of the model on ``test``.
 
     ``test`` has columns ``x``, ``label`` (decoded) or ``image``, ``label`` and optionally ``id``
     (decoded in the actors; bad images raise ``ImageDecodeError`` or, under "skip", are left out and
-    listed). Runs on ``num_actors`` Ray Data actors, one GPU each when the cluster has GPUs.
+    listed). Runs on ``num_actors`` Ray Data actors, one GPU each when the cluster has GPUs. ``name``
+    labels the progress bar ("test", "eval").
     """
     if batch_size < 1 or num_actors < 1 or cpus_per_actor < 0:
         raise ValueError(f"need batch_size >= 1, num_actors >= 1, cpus_per_actor >= 0; got "
@@ -622,7 +624,7 @@ def count_correct(
     correct = total = 0
     skipped = []
     with original_errors("a ray_dal.pipeline.training evaluation actor"), \
-            console.progress(test._meta_count(), "test", "img") as bar:  # rows known without executing, else None
+            console.progress(test._meta_count(), name, "img") as bar:  # rows known without executing, else None
         for batch in carried(counts).iter_batches(batch_format="numpy", batch_size=None):
             correct += int(batch["correct"].sum())
             total += int(batch["n"].sum())
