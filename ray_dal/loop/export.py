@@ -19,7 +19,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from ..config import ConfigError, load_config
-from ..data import DATASETS, class_names, inspect_pool, read_rows, resolve_pool
+from ..data import DATASETS, PoolInfo, class_names, inspect_pool, read_rows, resolve_pool
 from .run_dir import RunDir
 
 FORMATS = ("parquet", "csv", "label-studio")
@@ -37,7 +37,7 @@ class RunQuery:
     pred: np.ndarray
     prob: np.ndarray
     classes: list[str]  # the run's class names ("0".."K-1" when it has none)
-    pool: str  # the Parquet pool the ids belong to
+    pool: PoolInfo  # the Parquet pool the ids belong to (inspected once)
     paths: list[str] | None  # each image's path in its folder, for a pool made from a folder of images
 
     @property
@@ -63,11 +63,11 @@ def latest_query(run: str | Path) -> RunQuery:
         table = table.append_column("pred", pa.array(np.full(n, -1, np.int64))) \
                      .append_column("prob", pa.array(np.full(n, np.nan)))
     if cfg.loop.labels is not None:
-        pool = resolve_pool(cfg.data.data_dir)
+        pool = inspect_pool(resolve_pool(cfg.data.data_dir))
     else:
-        pool = str(DATASETS[cfg.data.dataset].resolve(cfg.data.data_dir, download=False)[0])
+        pool = inspect_pool(DATASETS[cfg.data.dataset].resolve(cfg.data.data_dir, download=False)[0])
     ids = table["id"].to_numpy()
-    has_paths = "path" in pq.ParquetFile(inspect_pool(pool).files[0]).schema_arrow.names
+    has_paths = "path" in pq.ParquetFile(pool.files[0]).schema_arrow.names
     paths = read_rows(pool, ids, ("path",))["path"].to_pylist() if has_paths else None
     return RunQuery(run_dir.root, r, ids, *(table[c].to_numpy() for c in ("score", "rank", "pred", "prob")),
                     class_names(cfg.data.classes, cfg.model.num_classes), pool, paths)
