@@ -31,6 +31,12 @@ interleaved (10k, 100k, 1M, 100k, 10k) so a shared machine's load drifts hit bot
     python benchmarks/pool_scaling.py --quick     # smoke run (~40 s): 1k and 2k samples, 100 labeled, budget 100
     python benchmarks/pool_scaling.py             # 10k, 100k, 1M (~10 minutes); writes benchmarks/results/pool_scaling.*
     python benchmarks/pool_scaling.py --quick --out /tmp/x   # write NAME.{json,md,png} elsewhere
+
+Object storage: the same select on one pool (100k by default) read from local disk and from a URI, interleaved,
+with the throughput ratio in one run (the pool is uploaded to the URI first unless already there):
+
+    python benchmarks/pool_scaling.py --pool-uri s3://bucket/pools/n100000   # AWS_* env as for ray-dal
+    python benchmarks/pool_scaling.py --start-moto [--quick]   # a local moto server: loopback, not S3's throughput
 """
 
 from __future__ import annotations
@@ -255,10 +261,11 @@ def _read_lines(stream, sink: list, t0: float):
         sink.append((time.perf_counter() - t0, buf.decode(errors="replace")))
 
 
-def run_select(n: int, rep: int) -> dict:
+def run_select(n: int, rep: int, pool_uri: str | None = None) -> dict:
+    """One `ray-dal select` subprocess on the n-sample pool (read from ``pool_uri`` when given: the same pool's copy)."""
     pool, _ = synthetic_pool(n)
-    out = WORK / f"query_n{n}_r{rep}.parquet"
-    cmd = [str(RAY_DAL), "select", "--pool", str(pool), "--checkpoint", str(checkpoint()),
+    out = WORK / f"query_n{n}_r{rep}{'_uri' if pool_uri else ''}.parquet"
+    cmd = [str(RAY_DAL), "select", "--pool", pool_uri or str(pool), "--checkpoint", str(checkpoint()),
            "--labeled", str(labeled_set(pool, n)), "--budget", str(BUDGET), "--out", str(out), "--model", MODEL,
            "--num-scorers", str(NUM_SCORERS), "--no-progress-timeout", "300"]
     env = dict(os.environ)
@@ -314,7 +321,8 @@ def run_select(n: int, rep: int) -> dict:
               round(x["plasma"] / 2**20), round(x["dev_shm_delta"] / 2**20),
               {k: round(v / 2**20) for k, v in x["by_kind"].items()}) for x in mon.samples]
     return {
-        "n": n, "repeat": rep, "wall_s": wall, "num_scored": num_scored, "score_seconds": score_seconds,
+        "n": n, "repeat": rep, "pool": pool_uri or str(pool), "query": out.name, "wall_s": wall,
+        "num_scored": num_scored, "score_seconds": score_seconds,
         "wall_us_per_sample": 1e6 * wall / num_scored, "score_us_per_sample": 1e6 * score_seconds / num_scored,
         "samples_per_second_wall": num_scored / wall, "samples_per_second_score": num_scored / score_seconds,
         "phases": phases,
@@ -529,6 +537,135 @@ def findings(result: dict) -> list[str]:
                    + ", ".join(f"{k} {v:.0f}" for k, v in sorted(r["max_by_kind_mib"].items(), key=lambda x: -x[1])[:4]))
     return out
 
+# ----------------------------------------------------------------------------------------------------
+# the same pool from object storage: --pool-uri (optionally on a moto server this run starts: --start-moto)
+
+
+def start_moto() -> tuple[object, str]:
+    """A moto S3 server on a free local port (tests/s3_server.py), this process's AWS_* env pointed at it, and a bucket."""
+    sys.path.insert(0, str(REPO))
+    from tests.label_studio_server import free_port
+    from tests.s3_server import ENV, S3Server
+
+    port = free_port()
+    server = S3Server(endpoint=f"http://127.0.0.1:{port}", port=port, log=WORK / "moto.log")
+    os.environ.update(ENV, AWS_ENDPOINT_URL=server.endpoint)
+    server.start()
+    return server, server.create_bucket("ray-dal-bench")
+
+
+def upload_pool(local: Path, uri: str) -> float:
+    """Copy the pool's Parquet files to ``uri`` unless the same files (names and sizes) are there; seconds taken."""
+    import pyarrow.fs as pafs
+
+    from ray_dal.storage import location
+
+    where = location(uri)
+    files = sorted(local.glob("*.parquet"))
+    have = {f.name: f.size() for f in where.files(".parquet")}
+    if have == {f.name: f.stat().st_size for f in files}:
+        return 0.0
+    t0 = time.perf_counter()
+    where.delete()
+    pafs.copy_files(str(local), where.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=where.fs)
+    return time.perf_counter() - t0
+
+
+def compare_uri(uri: str | None, n: int, repeats: int, out: Path, stem: str, quick: bool = False) -> dict:
+    """`ray-dal select` on the n-sample pool from local disk and from ``uri``, interleaved; ratios of the medians."""
+    machine = record.machine_info()
+    server = None
+    if uri is None:
+        server, bucket = start_moto()
+        uri = f"s3://{bucket}/synthetic/n{n}"
+    try:
+        local, _ = synthetic_pool(n)
+        upload_s = upload_pool(local, uri)
+        store = {"uri": uri, "endpoint": os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+                 "moto_started_here": server is not None, "upload_seconds": upload_s,
+                 "bytes": sum(f.stat().st_size for f in local.glob("*.parquet"))}
+        runs = []
+        for rep in range(repeats):
+            for where in (None, uri):
+                print(f"[{len(runs) + 1}/{2 * repeats}] ray-dal select on {n:,} samples from {where or local} ...",
+                      flush=True)
+                r = run_select(n, rep, where)
+                r["source"] = "object store" if where else "local disk"
+                runs.append(r)
+                print(f"   wall {r['wall_s']:.1f}s, scored {r['num_scored']} in {r['score_seconds']:.1f}s "
+                      f"({r['samples_per_second_score']:.0f}/s)", flush=True)
+    finally:
+        if server is not None:
+            server.stop()
+    agreement = [query_agreement(pq.read_table(WORK / runs[0]["query"]), pq.read_table(WORK / r["query"]))
+                 for r in runs]
+    med = statistics.median
+    summary = {}
+    for source in ("local disk", "object store"):
+        rs = [r for r in runs if r["source"] == source]
+        summary[source] = {k: med([r[k] for r in rs]) for k in (
+            "wall_s", "score_seconds", "samples_per_second_score", "samples_per_second_wall", "peak_total_mib")}
+    s3, disk = summary["object store"], summary["local disk"]
+    summary["ratios"] = {"score_throughput_store_vs_disk": s3["samples_per_second_score"] / disk["samples_per_second_score"],
+                         "wall_store_vs_disk": s3["wall_s"] / disk["wall_s"]}
+    result = {"machine": machine, "settings": {
+        "quick": quick, "n": n, "repeats": repeats, "model": MODEL, "labeled": NUM_LABELED, "budget": BUDGET, "num_scorers": NUM_SCORERS,
+        "store": store}, "runs": runs, "agreement_with_first_run": agreement, "summary": summary}
+    record.save(result, out, stem, write_uri_markdown, plot_uri)
+    return result
+
+
+def query_agreement(a: pa.Table, b: pa.Table) -> dict:
+    """How far two queries of the same pool agree: the share of ids in both, and the largest score difference of
+    a shared id relative to the largest score (float32 scoring: batches Ray Data forms differently from run to
+    run round differently, and near-tied samples at the budget's edge can swap)."""
+    ia, ib = a["id"].to_numpy(), b["id"].to_numpy()
+    shared, pa_, pb_ = np.intersect1d(ia, ib, return_indices=True)
+    diff = np.abs(a["score"].to_numpy()[pa_] - b["score"].to_numpy()[pb_]).max() if shared.size else float("nan")
+    return {"shared_ids": shared.size / ia.size, "max_score_diff_rel": float(diff / np.abs(a["score"].to_numpy()).max()),
+            "identical": a.equals(b)}
+
+
+def write_uri_markdown(result: dict, path: Path) -> None:
+    m, s, sm = result["machine"], result["settings"], result["summary"]
+    r = sm["ratios"]
+    loopback = " a moto server on this machine (loopback: NOT S3's throughput or latency)" if s["store"]["moto_started_here"] \
+        else f" {s['store']['endpoint'] or 'AWS S3'}"
+    L = ["# `ray-dal select` reading its pool from object storage vs local disk (benchmarks/pool_scaling.py --pool-uri)",
+         "", f"{m['cpu']}, {m['logical_cores']} logical cores, {m['memory_gib']} GiB, torch {m['torch']}, ray {m['ray']}, "
+         f"pyarrow {m['pyarrow']}, {m['date_utc']}, commit {str(m['git_commit'])[:8]}. Load average at start "
+         f"{m['load_average_at_start']}, at end {m.get('load_average_at_end')}.",
+         f"Pool: {s['n']:,} synthetic 32x32 JPEGs ({s['store']['bytes'] / 2**20:.0f} MiB of Parquet), from local disk and "
+         f"from {s['store']['uri']} on{loopback}. {s['repeats']} interleaved runs per source; medians. Each run's query "
+         "against the first run's (ids in both; largest score difference of a shared id / largest score): "
+         + "; ".join(f"{r['source']} {a['shared_ids']:.4f}, {a['max_score_diff_rel']:.1e}"
+                     for r, a in zip(result["runs"], result["agreement_with_first_run"])) + ".", "",
+         "| source | wall s | score phase s | scored/s (score phase) | scored/s (wall) | peak memory MiB |",
+         "|---|---|---|---|---|---|"]
+    for source in ("local disk", "object store"):
+        x = sm[source]
+        L.append(f"| {source} | {x['wall_s']:.1f} | {x['score_seconds']:.1f} | "
+                 f"{x['samples_per_second_score']:.0f} | {x['samples_per_second_wall']:.0f} | {x['peak_total_mib']:.0f} |")
+    L += ["", f"Ratios (object store / local disk): scoring throughput {r['score_throughput_store_vs_disk']:.3f}, "
+          f"wall time {r['wall_store_vs_disk']:.3f}."]
+    path.write_text("\n".join(L) + "\n")
+
+
+def plot_uri(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for i, r in enumerate(result["runs"]):
+        ax.bar(i, r["samples_per_second_score"], color="tab:blue" if r["source"] == "local disk" else "tab:orange")
+    ax.set_xticks(range(len(result["runs"])), [r["source"] for r in result["runs"]], rotation=30, fontsize=7)
+    ax.set_ylabel("scored samples / s (score phase)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -544,6 +681,13 @@ def main(argv=None) -> None:
                    help="run the object-store cap check (in-process score_pool on the 100k pool, default vs capped) "
                         "and add it to an existing result JSON (its .md/.png are rewritten)")
     p.add_argument("--replot", type=Path, default=None, metavar="JSON", help="rewrite .md/.png of a result JSON")
+    p.add_argument("--pool-uri", default=None, metavar="URI",
+                   help="instead: score the pool of --sizes N (default 100k; --quick 2k) from local disk and from URI "
+                        "(e.g. s3://bucket/pools/n100000; uploaded there first unless present; AWS_* env as for "
+                        "ray-dal), interleaved, and write NAME (default pool_scaling_uri) with the ratio")
+    p.add_argument("--start-moto", action="store_true",
+                   help="with --pool-uri omitted: start a local moto S3 server and use a bucket on it")
+    p.add_argument("--repeats", type=int, default=2, help="--pool-uri/--start-moto: runs per source [%(default)s]")
     a = p.parse_args(argv)
     if a.readahead_check or a.replot:
         path = a.readahead_check or a.replot
@@ -559,6 +703,14 @@ def main(argv=None) -> None:
     global BUDGET, NUM_LABELED
     if a.quick:  # smoke run: same code paths, less to label and score (Ray's start-up dominates anyway)
         BUDGET = NUM_LABELED = 100
+    if a.pool_uri or a.start_moto:
+        WORK.mkdir(parents=True, exist_ok=True)
+        n = (a.sizes or [2_000 if a.quick else 100_000])[0]
+        stem = a.name or ("pool_scaling_uri_quick" if a.quick else "pool_scaling_uri")
+        r = compare_uri(a.pool_uri, n, 1 if a.quick else a.repeats, a.out, stem, a.quick)
+        print(json.dumps(r["summary"]["ratios"], indent=1), json.dumps(r["agreement_with_first_run"]))
+        print(f"wrote {a.out / stem}.json/.md/.png")
+        return
     sizes = sorted(a.sizes or ([1_000, 2_000] if a.quick else [10_000, 100_000, 1_000_000]))
     order = a.order or (sizes if a.quick else [sizes[0], sizes[1], sizes[2], sizes[1], sizes[0]] if len(sizes) == 3 else sizes)
     WORK.mkdir(parents=True, exist_ok=True)

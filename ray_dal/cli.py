@@ -3,7 +3,8 @@
     ray-dal select --pool POOL --checkpoint model.pt --labeled labeled.parquet --budget 500 --out query.parquet
         Score a real, unlabeled pool once with a trained model and write the top-b query as Parquet
         (id, score, rank, pred, prob): the scoring step alone, for a model trained elsewhere. ``--labeled`` holds (id, label) of the samples
-        already labeled: they are excluded, and dynamic AL's G is summed over them.
+        already labeled: they are excluded, and dynamic AL's G is summed over them. Each of the four files
+        may be a URI (s3://bucket/key, gs://, hdfs://, file://; `ray_dal.storage.location`).
     ray-dal round --pool POOL --labels LABELS --run RUN --budget B [--classes cat,dog,...]
         One active-learning round on your own data: train on the labeled ids of LABELS (Parquet or CSV:
         id, label), score the rest of POOL, write RUN/round_NNN/ with the next query. Again with more
@@ -29,6 +30,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .pipeline.actors import check_weights, load_weights_file
@@ -45,7 +47,7 @@ from .data import DATASETS, ImageTransform, PoolInfo, inspect_pool, load_labels,
 from . import console
 from .errors import exit_on_user_error
 from .integrations.label_studio import register_cli as register_label_studio
-from .job import FLAGS, add_config_flags, config_overrides
+from .job import FLAGS, add_config_flags, config_overrides, name_log_file
 from .loop.annotated import run_annotated_round
 from .loop.export import FORMATS as EXPORT_FORMATS
 from .loop.export import export_query
@@ -54,6 +56,8 @@ from .pipeline.grad_sum import pool_grad_sum
 from .models import available_models
 from .pipeline.pool_scoring import score_pool
 from .pipeline.runtime import init_ray
+from .storage import StorageError, location
+from .storage.location import local_stand_in
 
 
 def _select(args: argparse.Namespace) -> None:
@@ -67,11 +71,10 @@ def _select(args: argparse.Namespace) -> None:
                        budget=args.budget, exclude_ids=ids, seed=args.seed, transform=transform,
                        on_bad=args.on_bad_image)
     table = query_table(query.ids, query.scores, query.pred, query.prob)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(out)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    out = location(args.out)
+    out.write_bytes(sink.getvalue().to_pybytes())  # atomic: temp file + rename on disk, one PUT in a bucket
     print(f"scored {query.num_scored} samples in {query.seconds:.1f}s ({query.samples_per_second:.0f}/s); "
           f"wrote the top {len(query.ids)} to {out}")
     if query.skipped_ids.size:
@@ -88,6 +91,7 @@ def _check_select(args: argparse.Namespace):
         raise ConfigError(f"--model {args.model!r} is not a registered model; choose one of {available_models()}")
     if not str(args.out).endswith(".parquet"):
         raise ConfigError(f"--out {args.out} must name a .parquet file")
+    location(args.out).check_bucket("--out")  # a missing bucket fails now, not after scoring
     if args.image_size and min(args.image_size) < 1:
         raise ConfigError(f"--image-size {args.image_size} must be two positive integers (H W)")
     pool = inspect_pool(args.pool)
@@ -108,7 +112,13 @@ def _check_select(args: argparse.Namespace):
     return model_cfg, scoring, pool, state, ids, labels, transform
 
 
-def _read_labeled(path: Path | None, pool: PoolInfo, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def _select_log(out: str) -> Path:
+    """``select``'s log file: next to a local --out; for a URI under ~/.cache/ray_dal/logs/ (`local_stand_in`)."""
+    where = location(out)
+    return local_stand_in(where).with_suffix(".log")
+
+
+def _read_labeled(path: str | None, pool: PoolInfo, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids, labels) of ``--labeled`` (`ray_dal.data.load_labels`), none when it is not given."""
     if path is None:
         return np.empty(0, np.int64), np.empty(0, np.int64)
@@ -116,10 +126,12 @@ def _read_labeled(path: Path | None, pool: PoolInfo, num_classes: int) -> tuple[
 
 
 def _round(args: argparse.Namespace) -> None:
-    base = args.config
-    if base is None and (Path(args.run) / "config.yaml").is_file():
-        base = Path(args.run) / "config.yaml"  # the run's own settings; flags given now override them
-    cfg = load_config(base, config_overrides(args, ROUND_FLAGS))
+    run, overrides = RunDir(args.run), config_overrides(args, ROUND_FLAGS)
+    name_log_file(run)
+    if args.config is None and (run.root / "config.yaml").is_file():
+        cfg = run.config(overrides)  # the run's own settings; flags given now override them
+    else:
+        cfg = load_config(args.config, overrides)
     result = run_annotated_round(cfg, args.eval_labels)
     m, where = result.metrics, result.query_path
     if not result.trained:
@@ -144,8 +156,12 @@ def _class_names(text: str) -> list[str]:
 
 
 def _absolute(path: str) -> str:
-    """A path as stored in the run's config.yaml: absolute, so the run works from any directory."""
-    return str(Path(path).expanduser().resolve())
+    """A path as stored in the run's config.yaml: absolute, so the run works from any directory; a URI as it is."""
+    try:
+        where = location(path)
+    except StorageError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return str(Path(where.path).resolve()) if where.is_local else where.uri
 
 
 ROUND_FLAGS = {
@@ -153,7 +169,8 @@ ROUND_FLAGS = {
                                      "or a folder of image files"),
     "--labels": ("loop.labels", _absolute, "Parquet or CSV with columns id (or path, for a folder of images) and "
                                            "label (a class index, or a class name)"),
-    "--run": ("loop.out", _absolute, "run directory (created by the first round)"),
+    "--run": ("loop.out", _absolute, "run directory, a path or a URI such as s3://bucket/runs/x (created by the "
+                                     "first round)"),
     "--budget": ("loop.budget", int, "b, the number of samples to query"),
     "--classes": ("data.classes", _class_names, "comma-separated class names (label i = name i); fixed for the run"),
     "--num-classes": ("model.num_classes", int, "number of classes (default: as many as --classes names)"),
@@ -175,11 +192,15 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
 
     select = commands.add_parser("select", help="score an unlabeled pool and write the top-b query")
-    select.add_argument("--pool", required=True, help="Parquet file or folder of shards (image bytes, optional id)")
-    select.add_argument("--checkpoint", required=True, type=Path, help="model state_dict (e.g. OUT/round_003/model.pt)")
-    select.add_argument("--labeled", type=Path, help="Parquet or CSV with columns id, label of the labeled samples")
+    select.add_argument("--pool", required=True, help="Parquet file or folder of shards (image bytes, optional id); "
+                        "a local path or a URI (file://, s3://, gs://, hdfs://)")
+    select.add_argument("--checkpoint", required=True, help="model state_dict (e.g. OUT/round_003/model.pt); a path "
+                        "or URI")
+    select.add_argument("--labeled", help="Parquet or CSV with columns id, label of the labeled samples; a path or "
+                        "URI")
     select.add_argument("--budget", required=True, type=int, help="b, the number of samples to query")
-    select.add_argument("--out", required=True, type=Path, help="where to write the query (.parquet)")
+    select.add_argument("--out", required=True, help="where to write the query (.parquet); a path or URI (its "
+                        "log then goes to ~/.cache/ray_dal/logs/)")
     select.add_argument("--model", default=ModelConfig.name, help="registered model name")
     select.add_argument("--num-classes", type=int, default=ModelConfig.num_classes)
     select.add_argument("--in-channels", type=int, default=ModelConfig.in_channels)
@@ -200,14 +221,14 @@ def main(argv: list[str] | None = None) -> None:
     round_ = commands.add_parser("round", help="one active-learning round with labels from people")
     round_.add_argument("--config", type=Path, help="YAML config (default: the run's config.yaml, else the defaults)")
     add_config_flags(round_, ROUND_FLAGS, required=("--pool", "--labels", "--run", "--budget"))
-    round_.add_argument("--eval-labels", type=Path, help="Parquet or CSV (id, label) of held-out labeled samples of "
-                        "the pool: never trained on nor queried; adds eval_accuracy")
+    round_.add_argument("--eval-labels", type=_absolute, help="Parquet or CSV (id, label) of held-out labeled "
+                        "samples of the pool: never trained on nor queried; adds eval_accuracy")
     round_.set_defaults(handler=_round)
 
     export = commands.add_parser("export", help="write the run's latest query for annotators")
-    export.add_argument("--run", required=True, type=Path, help="run directory")
+    export.add_argument("--run", required=True, help="run directory (a path or a URI)")
     export.add_argument("--format", required=True, choices=EXPORT_FORMATS)
-    export.add_argument("--out", required=True, type=Path, help="file to write")
+    export.add_argument("--out", required=True, help="file to write (a path or a URI)")
     export.set_defaults(handler=_export)
 
     register_label_studio(commands)
@@ -222,11 +243,11 @@ def main(argv: list[str] | None = None) -> None:
     for command in (select, round_):
         command.add_argument("--verbose", action="store_true", help="show Ray's own lines (workers, Ray Data, Ray "
                              "Train) on the console too; they always go to the log file (RUN/logs/ray.log for "
-                             "round, next to --out for select)")
+                             "round, next to --out for select, or ~/.cache/ray_dal/logs/ when --out is a URI)")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    log_file = {"select": lambda: Path(args.out).with_suffix(".log"),
+    log_file = {"select": lambda: _select_log(args.out),
                 "round": lambda: RunDir(args.run).log_file}.get(args.command)
     with exit_on_user_error(f"ray-dal {args.command}"), \
             console.session(log_file(), args.verbose) if log_file else contextlib.nullcontext():

@@ -22,6 +22,7 @@ from ray.exceptions import RayTaskError, UserCodeException
 from .config import ConfigError
 from .data.pools import PoolError
 from .data.transforms import ImageDecodeError
+from .storage import StorageError
 from .topk import NonFiniteScoreError
 
 
@@ -30,7 +31,7 @@ class WeightsError(ValueError):
 
 
 # Errors whose message says what is wrong and how to fix it: entry points print them without a traceback.
-USER_ERRORS = (ConfigError, PoolError, ImageDecodeError, NonFiniteScoreError, WeightsError)
+USER_ERRORS = (ConfigError, PoolError, ImageDecodeError, NonFiniteScoreError, WeightsError, StorageError)
 
 
 class CarriedError(UserCodeException):

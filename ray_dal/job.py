@@ -2,16 +2,21 @@
 
 Settings come from ray_dal/config.py's defaults, then ``--config`` (YAML; the job's own file by default),
 then the flags below; the job sets ``data.dataset``. Re-running with the same ``--out`` resumes after
-the last complete round. The console shows ray_dal's lines and progress bars; Ray's own output goes to
-``OUT/logs/ray.log`` (``--verbose``: to the console as well; `ray_dal.console`).
+the last complete round. ``--out`` (and ``--data-dir``) may be a local path or an object-store URI
+(``s3://bucket/prefix``; `ray_dal.storage`); one process at a time works on a run directory (its lease).
+The console shows ray_dal's lines and progress bars; Ray's own output goes to ``OUT/logs/ray.log``, or
+for a run in object storage to a local file that the console names (`RunDir.log_file`); ``--verbose``:
+to the console as well (`ray_dal.console`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from . import console
 from .config import STRATEGIES, load_config
@@ -23,7 +28,7 @@ from .loop.run_dir import RunDir
 FLAGS = {  # flag -> (config key, type, help)
     "--data-dir": ("data.data_dir", str, "the data as Parquet, torchvision's layout or an ImageFolder copy, or where "
                                          "to download it"),
-    "--out": ("loop.out", str, "run directory (resumed if it exists)"),
+    "--out": ("loop.out", str, "run directory, a path or a URI such as s3://bucket/runs/x (resumed if it exists)"),
     "--model": ("model.name", str, " | ".join(available_models())),
     "--strategy": ("scoring.strategy", str, " | ".join(STRATEGIES)),
     "--gamma": ("scoring.gamma", float, "weight of <g, G> (inf: <g, G> alone)"),
@@ -43,6 +48,24 @@ FLAGS = {  # flag -> (config key, type, help)
 }
 
 
+log = logging.getLogger("ray_dal")
+
+
+@contextlib.contextmanager
+def run_session(run: RunDir, verbose: bool = False) -> Iterator[Path]:
+    """`console.session` writing to the run's log file (`name_log_file`)."""
+    with console.session(run.log_file, verbose=verbose) as log_file:
+        name_log_file(run)
+        yield log_file
+
+
+def name_log_file(run: RunDir) -> None:
+    """For a run in object storage, one line on the console names its local log file (Ray's output cannot
+    go straight into a bucket); nothing for a run on disk (its log is RUN/logs/ray.log)."""
+    if not run.root.is_local:
+        log.info("the log of this run (%s) is the local file %s", run.root, run.log_file)
+
+
 def add_config_flags(parser: argparse.ArgumentParser, flags: dict[str, tuple], required: tuple[str, ...] = ()) -> None:
     """Add ``flags`` (flag -> (config key, type, help), as `FLAGS`) to ``parser``; none has a default."""
     for flag, (key, kind, help_text) in flags.items():
@@ -56,19 +79,24 @@ def config_overrides(args: argparse.Namespace | dict, flags: dict[str, tuple]) -
     return {key: value for key, value in given.items() if value is not None}
 
 
-def run_job(dataset: str, default_config: Path, argv: list[str] | None = None,
-            description: str | None = None) -> RunDir:
-    """Parse ``argv`` (the flags above and ``--config``, default ``default_config``), run the experiment on
-    ``dataset``, print each round's test accuracy; returns the run directory."""
+def build_parser(default_config: Path, description: str | None = None) -> argparse.ArgumentParser:
+    """The jobs' command line: the flags above (`FLAGS`), ``--config`` (default ``default_config``), ``--verbose``."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=default_config, help="YAML config [default: %(default)s]")
     add_config_flags(parser, FLAGS)
     parser.add_argument("--verbose", action="store_true",
                         help="show Ray's own lines (workers, Ray Data, Ray Train) on the console too; they always go "
-                             "to OUT/logs/ray.log")
-    args = vars(parser.parse_args(argv))
+                             "to OUT/logs/ray.log (a local file named on the console for a run in object storage)")
+    return parser
+
+
+def run_job(dataset: str, default_config: Path, argv: list[str] | None = None,
+            description: str | None = None) -> RunDir:
+    """Parse ``argv`` (the flags above and ``--config``, default ``default_config``), run the experiment on
+    ``dataset``, print each round's test accuracy; returns the run directory."""
+    args = vars(build_parser(default_config, description).parse_args(argv))
     cfg = load_config(args["config"], {"data.dataset": dataset, **config_overrides(args, FLAGS)})
-    with console.session(RunDir(cfg.loop.out).log_file, verbose=args["verbose"]):
+    with run_session(RunDir(cfg.loop.out), verbose=args["verbose"]):
         run = run_experiment(cfg)
     for m in run.metrics():
         print(f"round {m['round']}: {m['n_labeled']} labeled, test accuracy {m['test_accuracy']:.4f}")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from .label_studio_server import label_studio  # noqa: F401  (session fixture: a real Label Studio server)
+from .s3_server import bucket, s3  # noqa: F401  (a real S3 API server: moto, and a fresh bucket per test)
 from .slices import write_slice
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,10 +1,12 @@
 """Run as ``python -m tests.node_loss POOL WEIGHTS OUT``: score POOL on a 3-node Ray cluster and lose a node.
 
 A process can join only one Ray cluster, so this runs apart from the test session's: a head and two
-worker raylets on this machine (``ray.cluster_utils.Cluster``), 2 scorer actors. Once a scorer on a
-worker node has finished a batch and started another, that whole node is killed (raylet, object
-store, workers: SIGKILL). WEIGHTS holds ``{"state_dict", "grad_sum", "exclude_ids"}``; OUT (.npz)
-gets the query (ids, scores, num_scored), whether a node was lost, and the scorer actors' restart counts.
+worker raylets on this machine (``ray.cluster_utils.Cluster``), 2 scorer actors. The head has no CPUs
+(it runs only this driver), so both scorers and the read tasks run on the worker nodes: whichever
+scorer starts first is on a node that can be lost. Once a scorer has finished a batch and started
+another, its whole node is killed (raylet, object store, workers: SIGKILL). WEIGHTS holds
+``{"state_dict", "grad_sum", "exclude_ids"}``; OUT (.npz) gets the query (ids, scores, num_scored), whether
+a node was lost, and the scorer actors' restart counts.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from ray_dal.pipeline.runtime import set_no_progress_timeout
 
 from .faults import SCORER, KillMidScoring, descendants, title
 
-SCORING = ScoringConfig(num_scorers=2, batch_size=32)
+# Small batches (~225): scoring keeps the scorers busy 2-3 s more after the first has been busy the 0.5 s that
+# KillMidScoring waits for; with batches of 32 and a 1-CPU head it was 0.2-0.8 s here (2 loaded cores), in CI once none.
+SCORING = ScoringConfig(num_scorers=2, batch_size=8)
 BUDGET = 50
 FAST_NODE_DEATH = {  # notice a dead node in ~2 s instead of ~30 s
     "health_check_initial_delay_ms": 0, "health_check_period_ms": 500, "health_check_timeout_ms": 1000,
@@ -32,8 +36,10 @@ FAST_NODE_DEATH = {  # notice a dead node in ~2 s instead of ~30 s
 
 
 def main(pool: str, weights: str, out: str) -> None:
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "_system_config": FAST_NODE_DEATH})
-    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    # 2 CPUs a worker node: a 0.5-CPU scorer and a 1-CPU read task fit together, and after the loss the
+    # surviving node holds both scorers and any read re-run for a block the lost node's object store held.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": FAST_NODE_DEATH})
+    workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
     ray.init(address=cluster.address)
     cluster.wait_for_nodes()
     set_no_progress_timeout(120)

@@ -106,6 +106,18 @@ def test_pool_scaling_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_pool_scaling_from_object_storage_quick(tmp_path):
+    """--start-moto: the same select from a local moto server and from disk, same query, a throughput ratio."""
+    r = run_quick("pool_scaling.py", tmp_path, "--start-moto", "--name", "pool_scaling_quick")
+    assert r["settings"]["store"]["moto_started_here"] and r["settings"]["store"]["uri"].startswith("s3://")
+    assert sorted(run["source"] for run in r["runs"]) == ["local disk", "object store"]
+    (first, other) = r["agreement_with_first_run"]
+    assert first["identical"] and other["shared_ids"] >= 0.95 and other["max_score_diff_rel"] < 1e-4
+    assert all(run["num_scored"] == r["settings"]["n"] - r["settings"]["labeled"] for run in r["runs"])
+    assert r["summary"]["ratios"]["score_throughput_store_vs_disk"] > 0
+
+
+@pytest.mark.slow
 def test_approximation_ratio_quick(tmp_path, cifar10_dir):
     r = run_quick("approximation_ratio.py", tmp_path, "--data-dir", str(cifar10_dir))
     assert r["machine"]["torch"] and r["machine"]["git_commit"] is not None and r["paper_claim"]

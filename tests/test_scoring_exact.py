@@ -1,8 +1,17 @@
-"""The fast engine against a plain per-sample autograd loop in float64 (ray_dal.scoring.reference)."""
+"""The fast engine against a plain per-sample autograd loop in float64 (ray_dal.scoring.reference).
+
+By default everything runs on the CPU in float64. ``RAY_DAL_TEST_DEVICE`` / ``RAY_DAL_TEST_DTYPE`` /
+``RAY_DAL_TEST_AUTOCAST`` run the fast engine elsewhere (e.g. CUDA in float32 or under bfloat16
+autocast) against the same float64 CPU reference: see `Target`.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
+import os
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -19,6 +28,136 @@ from ray_dal.scoring import (
 from ray_dal.scoring.reference import loop_labeled_gradient, loop_scores, vmap_scores
 
 GAMMAS = [0.0, 1.0, 2.0, math.inf]
+
+
+# --- where the fast engine runs: the CPU in float64 unless the environment says otherwise -------------
+
+# Tolerances of the fast engine off the float64 CPU path, relative to the largest |expected| entry (as
+# `assert_close`). Measured on the CPU (torch 2.14) over these cases, every gamma and layer method:
+#   float32 (TF32 off): scores <= 3.6e-6 ("auto"/"ghost"); forced "materialize" <= 9.8e-4 (vgg11; per-sample
+#     weight gradients summed over up to 1024 positions in float32 before squaring); G per tensor <= 1.9e-6.
+#   bf16 autocast: scores <= 4.7e-2 (cnn, gamma 2); G <= 2.8e-2 of the largest |G| entry, but up to 0.33 of
+#     a small tensor's own largest entry, so under autocast G is compared at the scale of the whole G.
+# Each limit is 10-50x the measured error (bf16: 2-3.5x, what its 8-bit mantissa leaves): loose enough for
+# another device's reduction order, tight enough that a missing or wrong layer term fails in float32.
+FLOAT32_RTOL, FLOAT32_MATERIALIZE_RTOL, BF16_RTOL = 1e-4, 1e-2, 1e-1
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the fast engine runs in these tests; the float64 CPU loop reference never moves.
+
+    Default (no ``RAY_DAL_TEST_*`` variable): the fast engine gets the case's own float64 CPU model and
+    tensors and each test's own tolerance, exactly as written. Otherwise ("moved") a copy of the model and
+    the inputs go to ``RAY_DAL_TEST_DEVICE`` (cpu, cuda, cuda:1; default cpu) in ``RAY_DAL_TEST_DTYPE``
+    (float64 or float32, the default), optionally under ``RAY_DAL_TEST_AUTOCAST=bf16`` (bfloat16
+    autocast over float32 weights); scores and G come back as CPU float64, compared at `rtol`. TF32 is
+    off while moved, so float32 means IEEE float32 (TF32's 10-bit mantissa lies within the bf16 run's).
+    """
+
+    moved: bool = False
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float64
+    autocast: bool = False
+
+    @classmethod
+    def from_env(cls, env=os.environ) -> "Target":
+        device, dtype, autocast = (env.get(f"RAY_DAL_TEST_{k}", "") for k in ("DEVICE", "DTYPE", "AUTOCAST"))
+        if not (device or dtype or autocast):
+            return cls()
+        if dtype not in ("", "float32", "float64"):
+            raise ValueError(f"RAY_DAL_TEST_DTYPE must be float32 or float64, got {dtype!r}")
+        if autocast not in ("", "bf16"):
+            raise ValueError(f"RAY_DAL_TEST_AUTOCAST must be bf16 (or unset), got {autocast!r}")
+        if autocast and dtype == "float64":
+            raise ValueError("RAY_DAL_TEST_AUTOCAST=bf16 runs float32 weights: unset RAY_DAL_TEST_DTYPE=float64")
+        return cls(True, device or "cpu", getattr(torch, dtype or "float32"), bool(autocast))
+
+    def __str__(self) -> str:
+        return f"{self.device} {str(self.dtype)[6:]}{' + bf16 autocast' if self.autocast else ''}"
+
+    def model(self, model: nn.Module) -> nn.Module:
+        return copy.deepcopy(model).to(self.device, self.dtype) if self.moved else model
+
+    def inputs(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.moved:
+            return t
+        return t.to(self.device, self.dtype) if t.is_floating_point() else t.to(self.device)
+
+    def context(self):
+        if not self.autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.device).type, torch.bfloat16)
+
+    def back(self, t: torch.Tensor, of: str) -> torch.Tensor:
+        """``t`` as CPU float64, after checking the engine's contract: on the target, float32 or wider."""
+        if not self.moved:
+            return t
+        assert t.device.type == torch.device(self.device).type, f"{of} on {t.device}, expected {self.device}"
+        assert t.dtype == torch.promote_types(self.dtype, torch.float32), f"{of} is {t.dtype} on {self}"
+        return t.detach().to("cpu", torch.float64)
+
+    def scores(self, model: nn.Module, x: torch.Tensor, G, **kwargs) -> torch.Tensor:
+        """`dynamic_scores` of ``model`` (already `model`-ed) on the target; G and x are moved here."""
+        G = G if G is None else {n: self.inputs(g) for n, g in G.items()}
+        with self.context():
+            return self.back(dynamic_scores(model, self.inputs(x), G, **kwargs), "scores")
+
+    def gradient(self, model: nn.Module, batches, scope: str = "all") -> dict[str, torch.Tensor]:
+        """`labeled_gradient` of ``model`` (already `model`-ed) on the target; ``batches`` is moved here."""
+        if isinstance(batches, tuple):
+            batches = tuple(self.inputs(t) for t in batches)
+        else:
+            batches = [tuple(self.inputs(t) for t in b) for b in batches]
+        with self.context():
+            return {n: self.back(g, f"G[{n!r}]") for n, g in labeled_gradient(model, batches, scope=scope).items()}
+
+    def rtol(self, written: float, method: str = "auto") -> float:
+        """The tolerance of a comparison written as ``written`` for the float64 CPU engine."""
+        if not self.moved or self.dtype == torch.float64:
+            return written
+        if self.autocast:
+            return max(written, BF16_RTOL)
+        return max(written, FLOAT32_MATERIALIZE_RTOL if method == "materialize" else FLOAT32_RTOL)
+
+    def assert_gradients_close(self, fast: dict, slow: dict, written: float) -> None:
+        for n in slow:
+            if self.autocast:  # bf16: each tensor at the scale of the whole G (see the tolerances above)
+                scale = max(t.abs().max() for t in slow.values())
+                err = ((fast[n] - slow[n]).abs().max() / scale).item()
+                assert err <= self.rtol(written), f"G[{n!r}]: max error {err:.3e} of the largest |G| on {self}"
+            else:
+                assert_close(fast[n], slow[n], self.rtol(written))
+
+    def assert_same(self, scores: torch.Tensor) -> None:
+        """Identical samples in one batch: identical scores on the CPU; equal within `rtol` when moved
+        (a device kernel may reduce batch rows in different orders)."""
+        if self.moved:
+            assert_close(scores, scores[:1].expand_as(scores), self.rtol(1e-8))
+        else:
+            assert all(s == scores[0] for s in scores[1:]), scores
+
+
+TARGET = Target.from_env()
+cpu_only = pytest.mark.skipif(TARGET.moved, reason=f"device-independent; runs in the default CPU run, not on {TARGET}")
+
+
+@pytest.fixture(scope="module")
+def target():
+    """`TARGET`, checked usable; while moved, TF32 is off (restored afterwards)."""
+    if not TARGET.moved:
+        yield TARGET
+        return
+    kind = torch.device(TARGET.device).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        pytest.fail(f"RAY_DAL_TEST_DEVICE={TARGET.device}, but torch sees no CUDA GPU (torch.cuda.is_available())")
+    torch.empty(1, device=TARGET.device)  # a bad device name fails here, clearly
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield TARGET
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def randomise_norm_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -89,41 +228,43 @@ def case(request):
 
 
 @pytest.mark.parametrize("scope", ["all", "last"])
-def test_labeled_gradient_matches_loop(case, scope):
+def test_labeled_gradient_matches_loop(case, scope, target):
     _, model, _, (lx, ly) = case
-    fast = labeled_gradient(model, [(lx[:2], ly[:2]), (lx[2:], ly[2:])], scope=scope)
+    fast_model = target.model(model)
+    fast = target.gradient(fast_model, [(lx[:2], ly[:2]), (lx[2:], ly[2:])], scope=scope)
     slow = loop_labeled_gradient(model, lx, ly, scope=scope)
     assert fast.keys() == slow.keys()
-    for n in slow:
-        assert_close(fast[n], slow[n], 1e-8)
-    single = labeled_gradient(model, (lx, ly), scope=scope)  # one (inputs, labels) tuple is accepted too
-    for n in slow:
-        assert_close(single[n], slow[n], 1e-8)
+    target.assert_gradients_close(fast, slow, 1e-8)
+    single = target.gradient(fast_model, (lx, ly), scope=scope)  # one (inputs, labels) tuple is accepted too
+    target.assert_gradients_close(single, slow, 1e-8)
 
 
 @pytest.mark.parametrize("scope", ["all", "last"])
-def test_dynamic_scores_match_loop_for_every_gamma(case, scope):
+def test_dynamic_scores_match_loop_for_every_gamma(case, scope, target):
     name, model, x, labeled = case
     G = labeled_gradient(model, labeled, scope=scope)
+    fast_model = target.model(model)
     methods = ["auto", "ghost", "materialize"] if scope == "all" else ["auto"]
     for gamma in GAMMAS:
         expected = loop_scores(model, x, G, gamma=gamma, scope=scope)
         for method in methods:
-            actual = dynamic_scores(model, x, G, gamma=gamma, scope=scope, layer_method=method)
+            actual = target.scores(fast_model, x, G, gamma=gamma, scope=scope, layer_method=method)
             assert actual.dtype == torch.float64 and actual.shape == (x.shape[0],)
-            assert_close(actual, expected, 1e-8)
+            assert_close(actual, expected, target.rtol(1e-8, method))
 
 
-def test_batch_of_one_and_repeated_samples(case):
+def test_batch_of_one_and_repeated_samples(case, target):
     _, model, x, labeled = case
     G = labeled_gradient(model, labeled)
-    assert_close(dynamic_scores(model, x[:1], G), loop_scores(model, x[:1], G), 1e-8)
+    fast_model = target.model(model)
+    assert_close(target.scores(fast_model, x[:1], G), loop_scores(model, x[:1], G), target.rtol(1e-8))
     repeated = torch.cat([x[:1], x[:1], x[1:2], x[:1]])
-    scores = dynamic_scores(model, repeated, G)
-    assert_close(scores, loop_scores(model, repeated, G), 1e-8)
-    assert scores[0] == scores[1] == scores[3]
+    scores = target.scores(fast_model, repeated, G)
+    assert_close(scores, loop_scores(model, repeated, G), target.rtol(1e-8))
+    target.assert_same(scores[[0, 1, 3]])
 
 
+@cpu_only
 def test_float32_agrees_with_float64_loop(case):
     _, model64, x, labeled = case
     G64 = labeled_gradient(model64, labeled)
@@ -135,14 +276,16 @@ def test_float32_agrees_with_float64_loop(case):
     assert_close(actual.double(), expected, 1e-4)
 
 
+@cpu_only
 def test_vmap_oracle_agrees_with_loop():
     model, x, labeled = float64_case("every_layer")
     G = labeled_gradient(model, labeled)
     assert_close(vmap_scores(model, x, G), loop_scores(model, x, G), 1e-10)
 
 
-def test_model_mode_and_grads_are_left_untouched():
+def test_model_mode_and_grads_are_left_untouched(target):
     model, x, labeled = float64_case("resnet18")
+    model, x, labeled = target.model(model), target.inputs(x), tuple(map(target.inputs, labeled))
     model.train()
     model.layer2.eval()  # a mixed-mode model must come back mixed
     modes = {n: m.training for n, m in model.named_modules()}
@@ -150,9 +293,10 @@ def test_model_mode_and_grads_are_left_untouched():
         p.grad = None if i % 2 else torch.full_like(p, float(i))
     grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
     stats = {n: b.clone() for n, b in model.named_buffers()}
-    G = labeled_gradient(model, labeled)
-    for scope in ("all", "last"):
-        dynamic_scores(model, x, G, scope=scope)
+    with target.context():
+        G = labeled_gradient(model, labeled)
+        for scope in ("all", "last"):
+            dynamic_scores(model, x, G, scope=scope)
     assert {n: m.training for n, m in model.named_modules()} == modes
     for p, g in zip(model.parameters(), grads):
         assert (p.grad is None and g is None) or torch.equal(p.grad, g)
@@ -224,15 +368,17 @@ class Attention(nn.Module):
         (Attention, {"attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias"}),
     ],
 )
-def test_parameters_without_a_fast_path_are_still_exact(factory, generic):
+def test_parameters_without_a_fast_path_are_still_exact(factory, generic, target):
     torch.manual_seed(0)
     model = factory().double()
     x = torch.randn(4, 6, dtype=torch.float64)
     labels = torch.randint(0, 3, (4,))
-    assert set(generic_path_parameters(model, x)) == generic
+    fast_model = target.model(model)
+    assert set(generic_path_parameters(fast_model, target.inputs(x))) == generic
     G = labeled_gradient(model, (x.flip(0), labels))
     for gamma in (0.0, 2.0, math.inf):
-        assert_close(dynamic_scores(model, x, G, gamma=gamma), loop_scores(model, x, G, gamma=gamma), 1e-8)
+        expected = loop_scores(model, x, G, gamma=gamma)
+        assert_close(target.scores(fast_model, x, G, gamma=gamma), expected, target.rtol(1e-8))
 
 
 class _NoVmap(torch.autograd.Function):
@@ -260,6 +406,7 @@ class CustomScale(nn.Module):
         return self.out(_NoVmap.apply(x, self.scale))
 
 
+@cpu_only
 def test_unscorable_parameter_raises_a_clear_error():
     model = CustomScale()
     x = torch.randn(4, 6)
@@ -268,6 +415,7 @@ def test_unscorable_parameter_raises_a_clear_error():
         dynamic_scores(model, x, G)
 
 
+@cpu_only
 def test_batch_statistics_normalisation_is_refused():
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.Linear(8, 3))
     x = torch.randn(4, 6)
@@ -288,11 +436,13 @@ class InPlaceAfterUse(nn.Module):
         return self.out(y + h)
 
 
+@cpu_only
 def test_input_modified_in_place_after_the_layer_is_refused():
     with pytest.raises(UnsupportedModelError, match=r"'fc'.*modified in place"):
         dynamic_scores(InPlaceAfterUse(), torch.randn(4, 6), None, gamma=0)
 
 
+@cpu_only
 def test_bad_arguments_are_refused():
     model, x, labeled = float64_case("cnn")
     G = labeled_gradient(model, labeled)
@@ -315,14 +465,40 @@ def test_bad_arguments_are_refused():
 
 
 @pytest.mark.parametrize("name", ["cnn", "vgg11"])
-def test_autocast_bfloat16_scores_are_float32_and_close(name):
+def test_autocast_bfloat16_scores_are_float32_and_close(name, target):
     """AMP-safe: activations in bfloat16 (8-bit mantissa), reductions in float32, scores float32."""
     model64, x, labeled = float64_case(name)
     G64 = labeled_gradient(model64, labeled)
     expected = loop_scores(model64, x, G64)
-    model = float64_case(name)[0].float()
-    G = {n: g.float() for n, g in G64.items()}
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        actual = dynamic_scores(model, x.float(), G)
-    assert actual.dtype == torch.float32
-    assert_close(actual.double(), expected, 5e-2)
+    device = torch.device(target.device)  # the CPU unless RAY_DAL_TEST_DEVICE says otherwise
+    model = float64_case(name)[0].float().to(device)
+    G = {n: g.float().to(device) for n, g in G64.items()}
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        actual = dynamic_scores(model, x.float().to(device), G)
+    assert actual.dtype == torch.float32 and actual.device.type == device.type
+    assert_close(actual.double().cpu(), expected, 5e-2 if device.type == "cpu" else BF16_RTOL)
+
+
+@cpu_only
+@pytest.mark.parametrize("module, x_shape, d_shape", [
+    (nn.Linear(64, 32), (8, 64), (8, 32)),
+    (nn.Conv2d(16, 32, 3, padding=1), (4, 16, 8, 8), (4, 32, 8, 8)),
+    (nn.LayerNorm(64), (8, 64), (8, 64)),
+    (nn.GroupNorm(4, 16), (4, 16, 6, 6), (4, 16, 6, 6)),
+])
+def test_layer_reductions_ignore_an_enclosing_autocast(module, x_shape, d_shape):
+    """Under AMP the engine's per-layer reductions (||g||^2, <g, G>) stay float32: autocast would run their
+    matmuls in bfloat16 (measured: a Linear's <g, G> 3e-3 off); the same float32 inputs give the same numbers."""
+    from ray_dal.scoring.layers import handler_for
+
+    torch.manual_seed(0)
+    x, d = torch.randn(x_shape), torch.randn(d_shape)
+    names = {n for n, _ in module.named_parameters()}
+    G = {n: torch.randn_like(p) for n, p in module.named_parameters()}
+    handler = handler_for(module)
+    for method in ("ghost", "materialize"):
+        plain = handler(module, x, d, names, G, method)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under_amp = handler(module, x, d, names, G, method)
+        for a, b in zip(under_amp, plain):
+            assert a.dtype == torch.float32 and torch.equal(a, b)

@@ -4,7 +4,8 @@
 files is converted once into ``source/ray_dal_parquet/pool.parquet`` with columns ``id``, ``image`` (the
 file's bytes) and ``path`` (relative to the folder). A sample's id is a hash of its relative path (63 bits
 of BLAKE2b), so ids stay the same when the folder grows and is converted again (delete ``ray_dal_parquet``
-to take in new images): labels given to earlier ids stay valid.
+to take in new images): labels given to earlier ids stay valid. In object storage (a URI) a pool must
+already be Parquet: a folder of images there is refused with the way to convert it locally.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pyarrow.fs as pafs
 
 from ray_dal.data.convert import CONVERTED, write_pool
 from ray_dal.data.image_folder import IMAGE_EXTENSIONS, ROWS_PER_GROUP, read_image_file
 from ray_dal.data.pools import ID, IMAGE, PoolError
+from ray_dal.storage import Location, location
 
 POOL_FILE = "pool.parquet"
 
@@ -43,6 +46,10 @@ def image_files(folder: Path) -> list[str]:
 
 def resolve_pool(source: str | Path) -> str:
     """The Parquet pool for ``source``: itself when it is Parquet, else its image files converted once."""
+    where = location(source)
+    if not where.is_local:
+        _refuse_remote_images(where)
+        return where.uri
     path = Path(source).expanduser()
     if path.is_file() or not path.is_dir() or any(path.glob("*.parquet")):
         return str(source)  # Parquet, or missing: inspect_pool says what is wrong
@@ -58,6 +65,19 @@ def resolve_pool(source: str | Path) -> str:
     if uniq.size != ids.size:  # two paths with one 63-bit hash: never seen, but never silently merged
         raise PoolError(f"two images of {path} share id {uniq[counts > 1][:1].tolist()}; rename one of them")
     return str(write_pool(converted, _rows(path, files, ids)))
+
+
+def _refuse_remote_images(where: Location) -> None:
+    """PoolError for a folder of image files in object storage (a Parquet pool, or nothing, passes)."""
+    if not where.is_dir() or where.files(".parquet"):
+        return  # a file, Parquet shards or nothing: inspect_pool says what is wrong
+    with where.errors("listing"):
+        found = where.fs.get_file_info(pafs.FileSelector(where.path, recursive=True, allow_not_found=True))
+    if not any(Path(f.base_name).suffix.lower() in IMAGE_EXTENSIONS for f in found):
+        return
+    raise PoolError(f"{where.uri} is a folder of image files in object storage; ray_dal converts such a folder to "
+                    f"Parquet only on local disk. Fix: copy it to a local folder DIR and run once with --pool DIR "
+                    f"(it writes DIR/{CONVERTED}/{POOL_FILE}), then upload that file and pass its URI as --pool")
 
 
 def _rows(folder: Path, files: list[str], ids: np.ndarray) -> Iterator[dict]:

@@ -4,7 +4,9 @@ A labels file has columns ``id`` (integer sample id of the pool) and ``label``: 
 class name when the run has class names (``data.classes``). For a pool made from a folder of image files
 (`ray_dal.data.image_files`), ``path`` (relative to that folder) may stand in for ``id``. The same id may
 appear twice only with the same label. `read_label_file` reads one as it is; `encode_labels` turns its labels into class indices
-and checks them; `write_label_file` writes one atomically (the format follows the file name).
+and checks them; `write_label_file` writes one atomically (the format follows the file name). A labels
+file is a local path or a URI (``file://``, ``s3://``, ...; `ray_dal.storage.location`): a store that
+cannot be reached is a `StorageError` naming the URI and the fix.
 """
 
 from __future__ import annotations
@@ -20,19 +22,20 @@ import pyarrow.parquet as pq
 
 from ray_dal.config import ConfigError
 from ray_dal.data.pools import PoolInfo, read_ids
+from ray_dal.storage import Location, location
 
 FORMATS = (".parquet", ".csv")
 
 
-def label_file_format(path: str | Path) -> str:
+def label_file_format(path: str | Path | Location) -> str:
     """'.parquet' or '.csv', from the file name; `ConfigError` otherwise."""
-    suffix = Path(path).suffix.lower()
+    suffix = Path(location(path).name).suffix.lower()
     if suffix not in FORMATS:
         raise ConfigError(f"labels file {path} must end in .parquet or .csv (the format follows the name)")
     return suffix
 
 
-def read_label_file(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+def read_label_file(path: str | Path | Location) -> tuple[np.ndarray, np.ndarray]:
     """(keys [N], labels [N]) as the file holds them; N >= 1, no missing values.
 
     ``keys``: int64 ids, or str objects when the file names images by ``path`` instead of ``id``;
@@ -40,15 +43,17 @@ def read_label_file(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     ``id`` (or ``path``) and ``label`` columns, empty, missing values, or non-integer ids.
     """
     suffix = label_file_format(path)
-    if not Path(path).is_file():
+    where = location(path)
+    if not where.is_file():
         raise ConfigError(f"labels file {path} does not exist")
+    data = pa.BufferReader(where.read_bytes())  # a labels file is small: one GET, then parsed in memory
     try:
         if suffix == ".csv":
             types = {"label": pa.string(), "path": pa.string()}
             options = pacsv.ConvertOptions(column_types=types, strings_can_be_null=True)  # "" is a missing label
-            table = pacsv.read_csv(path, convert_options=options)
+            table = pacsv.read_csv(data, convert_options=options)
         else:
-            table = pq.read_table(path)
+            table = pq.read_table(data)
     except (pa.ArrowInvalid, OSError) as error:
         raise ConfigError(f"cannot read labels file {path} as {suffix[1:].upper()}: {error}") from None
     key = "path" if "path" in table.column_names and "id" not in table.column_names else "id"
@@ -131,9 +136,9 @@ def load_labels(
 
 def _ids_of_paths(path: str | Path, paths: np.ndarray, pool: PoolInfo, flag: str) -> np.ndarray:
     """The pool ids of image ``paths`` (the pool's ``path`` column); `ConfigError` for unknown paths."""
-    columns = [pq.read_table(f, columns=["path"])["path"] for f in pool.files
-               if "path" in pq.ParquetFile(f).schema_arrow.names]
-    if len(columns) != len(pool.files):
+    columns = [_path_column(f) for f in pool.locations]
+    columns = [c for c in columns if c is not None]
+    if len(columns) != len(pool.locations):
         raise ConfigError(f"{flag} {path} names images by path, but pool {pool.source} has no path column. Fix: "
                           "give ids (column id) instead")
     index = dict(zip((p for c in columns for p in c.to_pylist()), read_ids(pool).tolist()))
@@ -144,17 +149,32 @@ def _ids_of_paths(path: str | Path, paths: np.ndarray, pool: PoolInfo, flag: str
     return np.asarray([index[p] for p in paths], np.int64)
 
 
-def write_label_file(path: str | Path, keys: np.ndarray, labels: Sequence, key: str = "id") -> Path:
-    """Write (``key``, label) rows to ``path`` (.parquet or .csv) atomically: a temp file, then a rename.
+def _path_column(where: Location) -> pa.ChunkedArray | None:
+    """The ``path`` column of one pool file (read by range), None when it has none."""
+    with where.errors("reading"), where.open_input() as f:
+        pf = pq.ParquetFile(f)
+        return pf.read(columns=["path"])["path"] if "path" in pf.schema_arrow.names else None
+
+
+def write_label_file(path: str | Path | Location, keys: np.ndarray, labels: Sequence,
+                     key: str = "id") -> Path | Location:
+    """Write (``key``, label) rows to ``path`` (.parquet or .csv) atomically: a temp file, then a rename on disk
+    (returns the `Path`); one PUT for a URI in an object store (returns its `Location`).
 
     ``key`` "id" (int64 ``keys``) or "path" (str ``keys``); labels are class indices or names.
     """
     suffix = label_file_format(path)
-    path = Path(path)
     labels = np.asarray(labels)
     label_array = pa.array(labels.tolist(), pa.string() if labels.dtype.kind in "OUS" else pa.int64())
     key_array = pa.array(np.asarray(keys, np.int64)) if key == "id" else pa.array(list(keys), pa.string())
     table = pa.table({key: key_array, "label": label_array})
+    where = location(path)
+    if not where.is_local:
+        sink = pa.BufferOutputStream()
+        pacsv.write_csv(table, sink) if suffix == ".csv" else pq.write_table(table, sink)
+        where.write_bytes(sink.getvalue().to_pybytes())
+        return where
+    path = where.local
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

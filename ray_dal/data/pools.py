@@ -1,28 +1,38 @@
 """Pools: tables of samples (stable int64 id, encoded image, optional int label) in Parquet files.
 
 A pool is one .parquet file, a directory of *.parquet shards (taken in file-name order) or a list of
-files. Columns: ``image`` (binary, an encoded image), optional ``label`` (integer) and optional ``id``
-(integer, unique). Without an ``id`` column a sample's id is its global row index: its position
+files, each given as a local path or a URI (``file://``, ``s3://``, ``gs://``, ``hdfs://``; see
+`ray_dal.storage.location`). Columns: ``image`` (binary, an encoded image), optional ``label`` (integer)
+and optional ``id`` (integer, unique). Without an ``id`` column a sample's id is its global row index: its position
 counting across the pool's files in order, which is stable as long as the files are.
 
-The driver only ever reads footers and the small id/label columns; image bytes are read by Ray Data
-read tasks, one per Parquet row group.
+The driver only ever reads footers and the small id/label columns (by byte range, also in an object
+store); image bytes are read by Ray Data read tasks, one per Parquet row group, which reopen the file
+from its pickled `Location` (no secrets travel with a task). A store that cannot be reached, a missing
+bucket or denied access is a `StorageError` naming the URI and the fix: on the driver before any Ray
+work, and from a read task through `ray_dal.errors.carry`.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+import pickle
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
+from ray.exceptions import UserCodeException
+
+from ray_dal.storage import Location, StorageError, location
+from ray_dal.storage.location import explain
 
 ID, IMAGE, LABEL = "id", "image", "label"
 _COLUMN_TYPES = {
@@ -41,47 +51,79 @@ class PoolError(ValueError):
 class RowGroup:
     """One Parquet row group; ``offset`` is the global row index of its first row across the pool's files."""
 
-    path: str
+    file: Location
     index: int
     offset: int
     num_rows: int
     size_bytes: int = 0  # uncompressed size of all its columns, from the footer (a memory estimate)
 
+    @property
+    def path(self) -> str:
+        """The file's URI (a plain absolute path on local disk)."""
+        return self.file.uri
+
 
 @dataclass(frozen=True)
 class PoolInfo:
+    """A checked pool: ``source`` (its URI, or the files' common folder), its files in order, its row groups."""
+
     source: str
-    files: tuple[str, ...]
+    locations: tuple[Location, ...]
     num_rows: int
     has_label: bool
     has_id_column: bool
     row_groups: tuple[RowGroup, ...]
+    footers: tuple[tuple[int, pq.FileMetaData] | None, ...] = ()  # per file: (size, footer) in an object store
+
+    def footer(self, where: Location) -> tuple[int, pq.FileMetaData] | None:
+        """(size, footer) of the pool's file ``where`` as inspect_pool read them; None: read them again."""
+        return dict(zip(self.locations, self.footers)).get(where)
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The files' URIs (plain absolute paths on local disk)."""
+        return tuple(f.uri for f in self.locations)
 
 
-def _list_files(source: str | Path | Sequence[str | Path]) -> list[Path]:
+def _list_files(source: str | Path | Sequence[str | Path]) -> list[Location]:
     if isinstance(source, (str, Path)):
-        path = Path(source).expanduser()
-        if not path.exists():
-            raise PoolError(f"pool path {str(path)!r} does not exist. Fix: point it at a .parquet file or a "
-                            "folder of .parquet shards")
-        if path.is_dir():
-            files = sorted(path.glob("*.parquet"))
+        where = _resolved(location(source))
+        kind = where.info().type
+        if kind == pafs.FileType.NotFound:
+            where.check_bucket("pool")
+            raise PoolError(f"pool path {where.uri!r} does not exist. Fix: point it at a .parquet file or a "
+                            f"folder{'' if where.is_local else ' (prefix)'} of .parquet shards")
+        if kind == pafs.FileType.Directory:
+            files = where.files(".parquet")
             if not files:
-                found = sorted(p.name for p in path.iterdir())[:10]
-                raise PoolError(f"pool folder {str(path)!r} holds no *.parquet files (found {found}). Fix: point "
+                found = [c.name for c in where.children()][:10]
+                raise PoolError(f"pool folder {where.uri!r} holds no *.parquet files (found {found}). Fix: point "
                                 "it at a folder of .parquet shards or at one .parquet file")
-            return [f.resolve() for f in files]
-        return [path.resolve()]
-    files = [Path(p).expanduser() for p in source]
+            return [_resolved(f) for f in files]
+        return [where]
+    files = [_resolved(location(p)) for p in source]
     if not files:
         raise PoolError("pool file list is empty. Fix: pass at least one .parquet file")
     for f in files:
         if not f.is_file():
-            raise PoolError(f"pool file {str(f)!r} does not exist or is not a file. Fix: pass existing .parquet files")
-    return [f.resolve() for f in files]
+            f.check_bucket("pool file")
+            raise PoolError(f"pool file {f.uri!r} does not exist or is not a file. Fix: pass existing .parquet files")
+    return files
 
 
-def _check_schema(path: Path, schema: pa.Schema) -> tuple[bool, bool]:
+def _resolved(where: Location) -> Location:
+    """A local file with its links resolved (as pools have always been named); a URI as it is."""
+    return location(Path(where.path).resolve()) if where.is_local else where
+
+
+def _common_source(files: list[Location]) -> str:
+    """The common folder of a list of files, as a URI."""
+    if len({f.store for f in files}) > 1:
+        return ", ".join(f.uri for f in files)
+    return replace(files[0], path=os.path.commonpath([f.path for f in files])).uri
+
+
+def _check_schema(path: str, schema: pa.Schema) -> tuple[bool, bool]:
     """Validate one file's columns; returns (has_label, has_id_column)."""
     names = schema.names
     if IMAGE not in names:
@@ -93,41 +135,88 @@ def _check_schema(path: Path, schema: pa.Schema) -> tuple[bool, bool]:
     return LABEL in names, ID in names
 
 
-def _open(path: Path) -> pq.ParquetFile:
+def _open(where: Location, footer: tuple[int, pq.FileMetaData] | None = None) -> pq.ParquetFile:
+    """The Parquet file at ``where``; the caller closes it. In an object store its footer is read by range, or
+    taken from ``footer`` (size, footer) when the file still has that size (not re-read on every open).
+
+    A store failure (unreachable, no bucket, denied) is a `StorageError`; a file that is not Parquet a `PoolError`.
+    """
+    handle = where.open_input()
     try:
-        return pq.ParquetFile(path)
+        if where.is_local:
+            metadata = None  # the reader's own footer read: a local read costs nothing per request
+        elif footer is not None and footer[0] == handle.size():
+            metadata = footer[1]
+        else:
+            metadata = _footer(handle)
+        return pq.ParquetFile(handle, metadata=metadata)
     except Exception as e:
-        raise PoolError(f"cannot read {path} as Parquet ({type(e).__name__}: {e}). Fix: check the file is a "
+        handle.close()
+        if _store_failure(where, e):
+            raise StorageError(explain(e, "reading", where)) from None
+        raise PoolError(f"cannot read {where.uri} as Parquet ({type(e).__name__}: {e}). Fix: check the file is a "
                         "complete Parquet file (re-write or re-download it), or remove it from the pool") from None
+
+
+def _footer(handle: pa.NativeFile) -> pq.FileMetaData | None:
+    """The file's Parquet footer, read with two small range requests (the reader's own first read is the
+    file's last 64 KiB, mostly image bytes in a pool); None when the file does not end like Parquet."""
+    size = handle.size()
+    tail = handle.read_at(8, size - 8) if size >= 12 else b""
+    length = int.from_bytes(tail[:4], "little") if tail[4:] == b"PAR1" else 0
+    if not 0 < length <= size - 12:
+        return None  # not Parquet (or an encrypted footer): pq.ParquetFile says what is wrong
+    footer = handle.read_at(length, size - 8 - length)
+    return pq.read_metadata(pa.BufferReader(b"PAR1" + footer + tail))
+
+
+def _store_failure(where: Location, error: BaseException) -> bool:
+    """Whether ``error`` (raised while reading ``where``) is the store's failure rather than bad Parquet bytes."""
+    text = str(error)
+    return not where.is_local and isinstance(error, OSError) and not ("Parquet" in text or "thrift" in text)
+
+
+def _read_file(where: Location, read, footer: tuple[int, pq.FileMetaData] | None = None):
+    """``read(pq.ParquetFile)`` on the file ``where`` (``footer`` as `_open`'s); store failures become
+    `StorageError` naming it."""
+    pf = _open(where, footer)
+    try:
+        return read(pf)
+    except Exception as e:
+        if _store_failure(where, e):
+            raise StorageError(explain(e, "reading", where)) from None
+        raise
+    finally:
+        pf.close(force=True)  # also the file handle _open gave it
 
 
 def inspect_pool(source: str | Path | Sequence[str | Path]) -> PoolInfo:
     """Describe and validate a pool from the Parquet footers (plus the ``id`` column, to check uniqueness)."""
     files = _list_files(source)
     row_groups: list[RowGroup] = []
+    footers: list[tuple[int, pq.FileMetaData] | None] = []
     flags = None
     offset = 0
-    for path in files:
-        pf = _open(path)
-        file_flags = _check_schema(path, pf.schema_arrow)
+    for where in files:
+        schema, metadata = _read_file(where, lambda pf: (pf.schema_arrow, pf.metadata))
+        # kept for the driver's later reads of an object (a local footer read costs nothing)
+        footers.append(None if where.is_local else (where.size(), metadata))
+        file_flags = _check_schema(where.uri, schema)
         if flags is None:
             flags = file_flags
         elif file_flags != flags:
             raise PoolError(
-                f"{path}: shards disagree on columns: label/id present = {file_flags}, but {files[0]} has {flags}. "
-                "Fix: give every shard of a pool the same columns")
-        for i in range(pf.metadata.num_row_groups):
-            meta = pf.metadata.row_group(i)
+                f"{where.uri}: shards disagree on columns: label/id present = {file_flags}, but {files[0].uri} has "
+                f"{flags}. Fix: give every shard of a pool the same columns")
+        for i in range(metadata.num_row_groups):
+            meta = metadata.row_group(i)
             if meta.num_rows:
-                row_groups.append(RowGroup(str(path), i, offset, meta.num_rows, int(meta.total_byte_size)))
+                row_groups.append(RowGroup(where, i, offset, meta.num_rows, int(meta.total_byte_size)))
                 offset += meta.num_rows
     if offset == 0:
         raise PoolError(f"pool {source} has no rows. Fix: point it at Parquet files that hold samples")
-    if isinstance(source, (str, Path)):
-        source_str = str(Path(source).expanduser().resolve())
-    else:
-        source_str = os.path.commonpath([str(f) for f in files])
-    info = PoolInfo(source_str, tuple(str(f) for f in files), offset, flags[0], flags[1], tuple(row_groups))
+    source_str = _resolved(location(source)).uri if isinstance(source, (str, Path)) else _common_source(files)
+    info = PoolInfo(source_str, tuple(files), offset, flags[0], flags[1], tuple(row_groups), tuple(footers))
     if info.has_id_column:
         _check_unique(info, _read_column(info, ID))
     return info
@@ -148,10 +237,10 @@ def _as_info(pool: PoolInfo | str | Path | Sequence[str | Path]) -> PoolInfo:
 def _read_column(info: PoolInfo, name: str) -> np.ndarray:
     """One integer column of the whole pool as int64 [num_rows], read on the driver (nulls are an error)."""
     parts = []
-    for path in info.files:
-        col = pq.ParquetFile(path).read(columns=[name]).column(name)
+    for where in info.locations:
+        col = _read_file(where, lambda pf: pf.read(columns=[name]).column(name), info.footer(where))
         if col.null_count:
-            raise PoolError(f"{path}: column '{name}' has {col.null_count} missing value(s). "
+            raise PoolError(f"{where.uri}: column '{name}' has {col.null_count} missing value(s). "
                             "Fix: fill or drop those rows")
         parts.append(col.to_numpy().astype(np.int64, copy=False))
     out = np.concatenate(parts) if parts else np.empty(0, np.int64)
@@ -219,9 +308,13 @@ def select_row_groups(pool: PoolInfo, ids: np.ndarray | None = None) -> list[tup
 def _read_row_group(
     rg: RowGroup, positions: np.ndarray | None, columns: tuple[str, ...], has_id: bool
 ) -> list[pa.Table]:
-    """Read task body: one row group -> one Arrow table with ``columns`` (id int64, image binary, label int64)."""
+    """Read task body: one row group -> one Arrow table with ``columns`` (id int64, image binary, label int64).
+
+    The file is reopened here from ``rg.file`` (on a worker: its filesystem rebuilt from the pickled store
+    settings, credentials from the worker's environment); a store failure is a `StorageError` naming it.
+    """
     want = [c for c in columns if c != ID or has_id]
-    table = pq.ParquetFile(rg.path).read_row_group(rg.index, columns=want)
+    table = _read_file(rg.file, lambda pf: pf.read_row_group(rg.index, columns=want))
     if table.num_rows != rg.num_rows:
         raise PoolError(f"{rg.path}: row group {rg.index} has {table.num_rows} rows, expected {rg.num_rows}; the file "
                         "changed since the pool was inspected. Fix: inspect the pool again")
@@ -239,6 +332,42 @@ def _read_row_group(
         else:
             out[name] = table.column(name)
     return [pa.table(out)]
+
+
+def _carried_read(*args) -> list[pa.Table]:
+    """`_read_row_group` in a read task, its errors (a `StorageError`, a `PoolError`) carried to the driver as
+    `ray_dal.errors.carry` carries a UDF's."""
+    try:
+        return _read_row_group(*args)
+    except Exception as error:
+        raise _CarriedRead(error) from error
+
+
+class _CarriedRead(UserCodeException):
+    """A read task's error on its way to the driver, where it unpickles as `ray_dal.errors.CarriedError`.
+
+    Not that class itself: ray_dal.errors imports torch (and this module), and importing torch in a read
+    task that fails is importing it where Ray Data cancels tasks; a cancelled import leaves the worker
+    process with half a torch for every later task.
+    """
+
+    def __init__(self, error: BaseException):
+        self.error = error
+        super().__init__(f"{type(error).__name__}: {error}")
+
+    def __reduce__(self):
+        parts = (type(self.error), self.error.args, dict(vars(self.error)))
+        try:
+            pickle.dumps(parts)
+        except Exception:  # as CarriedError.wrap: an unpicklable error still arrives as its type name and message
+            parts = (RuntimeError, (f"{type(self.error).__name__}: {self.error}",), {})
+        return (_as_carried, parts)
+
+
+def _as_carried(cls: type, args: tuple, state: dict) -> BaseException:
+    from ray_dal.errors import _rebuild  # on the driver, which has torch
+
+    return _rebuild(cls, args, state)
 
 
 class _RowGroupDatasource(Datasource):
@@ -265,7 +394,7 @@ class _RowGroupDatasource(Datasource):
         for rg, positions in self._plan:
             num_rows, size = self._rows_and_bytes(rg, positions)
             meta = BlockMetadata(num_rows=num_rows, size_bytes=size, exec_stats=None, input_files=(rg.path,))
-            fn = functools.partial(_read_row_group, rg, positions, self._columns, self._has_id)
+            fn = functools.partial(_carried_read, rg, positions, self._columns, self._has_id)
             tasks.append(ReadTask(fn, meta, schema=self._schema, per_task_row_limit=per_task_row_limit))
         return tasks
 
@@ -273,8 +402,12 @@ class _RowGroupDatasource(Datasource):
         return "ReadPool"
 
 
-def _output_schema(path: str, columns: tuple[str, ...]) -> pa.Schema:
-    file_schema = pq.ParquetFile(path).schema_arrow
+def _file_schema(info: PoolInfo, where: Location) -> pa.Schema:
+    """The Arrow schema of the pool's file ``where`` (from its footer)."""
+    return _read_file(where, lambda pf: pf.schema_arrow, info.footer(where))
+
+
+def _output_schema(file_schema: pa.Schema, columns: tuple[str, ...]) -> pa.Schema:
     types = {ID: pa.int64(), IMAGE: pa.binary(), LABEL: pa.int64()}
     return pa.schema([(c, types.get(c) or file_schema.field(c).type) for c in columns])
 
@@ -298,14 +431,15 @@ def read_pool(
     # the read is a plain Read operator whose resources are set here, one task per planned row group.
     info = _as_info(pool)
     plan = select_row_groups(info, ids)
-    schema_file = plan[0][0].path if plan else info.files[0]  # only files the read needs are opened
+    schema_file = plan[0][0].file if plan else info.locations[0]  # only files the read needs are opened
     columns = tuple(c for c in columns if c != LABEL or info.has_label)
-    file_columns = set(pq.ParquetFile(schema_file).schema_arrow.names) | {ID}
+    file_schema = _file_schema(info, schema_file)
+    file_columns = set(file_schema.names) | {ID}
     unknown = [c for c in columns if c not in file_columns]
     if unknown or len(set(columns)) != len(columns) or not columns:
         raise PoolError(f"read_pool columns {list(columns)} are invalid for pool {info.source}: unknown {unknown}; "
                         f"choose distinct names from {sorted(file_columns)}")
-    source = _RowGroupDatasource(plan, columns, info.has_id_column, _output_schema(schema_file, columns))
+    source = _RowGroupDatasource(plan, columns, info.has_id_column, _output_schema(file_schema, columns))
     ds = ray.data.read_datasource(source, num_cpus=num_cpus, override_num_blocks=max(len(plan), 1))
     ds.context.execution_options.preserve_order = preserve_order
     return ds
@@ -338,6 +472,7 @@ def read_rows(pool: PoolInfo | str | Path, ids: np.ndarray, columns: Sequence[st
     columns = tuple(dict.fromkeys((ID, *columns)))
     parts = [t for rg, positions in select_row_groups(info, ids)
              for t in _read_row_group(rg, positions, columns, info.has_id_column)]
-    table = pa.concat_tables(parts) if parts else _output_schema(info.files[0], columns).empty_table()
+    empty = lambda: _output_schema(_file_schema(info, info.locations[0]), columns).empty_table()  # noqa: E731
+    table = pa.concat_tables(parts) if parts else empty()
     found = table.column(ID).to_numpy()
     return table.take(pa.array(np.argsort(found)[np.searchsorted(np.sort(found), ids)]))

@@ -27,7 +27,6 @@ import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Iterator, Sequence
 from xml.sax.saxutils import quoteattr
 
@@ -36,6 +35,7 @@ import requests
 
 from ..config import ConfigError
 from ..data.labels import encode_labels, label_file_format, read_label_file, write_label_file
+from ..storage import Location, location
 
 API_KEY_ENV = "LABEL_STUDIO_API_KEY"
 FROM_NAME, TO_NAME = "label", "image"  # the <Choices> and <Image> names in `label_config`
@@ -422,7 +422,7 @@ def merge_labels(existing_ids, existing_labels, new_ids, new_labels) -> tuple[np
     return np.array(keys, dtype=np.asarray(new_ids).dtype), np.array([merged[k] for k in keys], dtype=object), n_changed
 
 
-def _existing_labels(path: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def _existing_labels(path: Location, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(keys: ids or paths, class names) of the labels file ``path``, its labels checked against ``classes``."""
     keys, raw = read_label_file(path)
     codes_of, codes = np.unique(keys, return_inverse=True)  # ids, or paths as codes: encode_labels takes integers
@@ -430,7 +430,7 @@ def _existing_labels(path: Path, classes: list[str]) -> tuple[np.ndarray, np.nda
     return codes_of[codes], np.asarray(classes, dtype=object)[labels]
 
 
-def _keyed_by_path(pulled: PulledAnnotations, path: Path) -> np.ndarray:
+def _keyed_by_path(pulled: PulledAnnotations, path: Location) -> np.ndarray:
     missing = [i for i in pulled.ids.tolist() if i not in pulled.paths]
     if missing:
         raise LabelStudioError(f"labels file {path} names images by path, but {len(missing)} labeled task(s) of "
@@ -448,10 +448,11 @@ def register_cli(subparsers) -> None:
                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = command.add_subparsers(dest="action", required=True)
     push = actions.add_parser("push", help="import the run's latest query as tasks (images, predictions)")
-    push.add_argument("--run", required=True, type=Path, help="the run's directory (the job's --out)")
+    push.add_argument("--run", required=True, help="the run's directory (the job's --out)")
     push.set_defaults(handler=push_command)
     pull = actions.add_parser("pull", help="write the project's labels (merged into --out if it exists)")
-    pull.add_argument("--out", required=True, type=Path, help="labels file, .parquet or .csv (columns id, label)")
+    pull.add_argument("--out", required=True, help="labels file, .parquet or .csv (columns id, label); a path or "
+                      "a URI (s3://...)")
     pull.set_defaults(handler=pull_command)
     for action in (push, pull):
         action.add_argument("--url", required=True, help="Label Studio's address, e.g. http://localhost:8080")
@@ -473,15 +474,18 @@ def push_command(args: argparse.Namespace) -> None:
 
 def pull_command(args: argparse.Namespace) -> None:
     label_file_format(args.out)
+    out = location(args.out)
+    out.check_bucket("--out")  # a missing bucket or a store that cannot be reached: now, before Label Studio
+    existed = out.exists()
     client = LabelStudio(args.url)
     pulled = client.pull(args.project)
     keys, labels, n_new, n_changed = pulled.ids, pulled.labels, len(pulled.ids), 0
-    if args.out.exists():
-        old_keys, old_labels = _existing_labels(args.out, pulled.classes)
-        new_keys = _keyed_by_path(pulled, args.out) if old_keys.dtype == object else pulled.ids
+    if existed:
+        old_keys, old_labels = _existing_labels(out, pulled.classes)
+        new_keys = _keyed_by_path(pulled, out) if old_keys.dtype == object else pulled.ids
         keys, labels, n_changed = merge_labels(old_keys, old_labels, new_keys, pulled.labels)
         n_new = len(keys) - len(old_keys)
-    write_label_file(args.out, keys, labels, key="path" if keys.dtype == object else "id")
+    write_label_file(out, keys, labels, key="path" if keys.dtype == object else "id")
     conflicts = f" (ids {pulled.conflict_ids[:10].tolist()})" if pulled.n_conflicts else ""
     print(f"pulled {len(pulled.ids)} label(s) of {pulled.n_tasks} task(s) from project {pulled.project_id} at "
           f"{client.url}: {n_new} new, {n_changed} changed, {pulled.n_conflicts} with disagreeing annotations"

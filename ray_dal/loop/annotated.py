@@ -5,13 +5,14 @@ the labels file (continuing from the run's latest model), score the rest of the 
 ``RUN/round_NNN/`` with the next query. The pool's own ``label`` column, if any, is never read. Calling
 again with the same labels does nothing; a labels file with more samples makes the next round; corrected
 labels of earlier samples are taken and counted (``n_relabeled``). Everything is checked before Ray
-starts, and bad input writes nothing.
+starts, and bad input writes nothing. The pool, the labels files and the run directory may be local
+paths or object-store URIs (`ray_dal.storage`); the round holds the run directory's lease
+(`ray_dal.storage.RunLease`), so a second ``ray-dal round`` on the same run is refused.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import numpy as np
 from ..config import ConfigError, ExperimentConfig
 from ..data import DATASETS, PoolInfo, inspect_pool, load_labels, resolve_pool
 from ..pipeline.runtime import init_ray
+from ..storage import Location, RunLease
 from .rounds import Evaluation, RoundInputs, check_registered, latest_weights, run_round
 from .run_dir import RunDir
 
@@ -36,7 +38,7 @@ class RoundResult:
     metrics: dict
 
     @property
-    def query_path(self) -> Path:
+    def query_path(self) -> Location:
         return self.run.round_path(self.index) / "selected.parquet"
 
 
@@ -65,6 +67,12 @@ def run_annotated_round(cfg: ExperimentConfig, eval_labels: str | Path | None = 
                           f"{labeled.ids.size} labeled and {exclude.size} held out, so the budget must be in "
                           f"[1, {unlabeled}]")
     run = RunDir(cfg.loop.out)
+    with RunLease(run.root):
+        return _run_round(cfg, run, pool, labeled, held_out, exclude)
+
+
+def _run_round(cfg: ExperimentConfig, run: RunDir, pool: PoolInfo, labeled: _Labels, held_out: _Labels | None,
+               exclude: np.ndarray) -> RoundResult:
     run.start(cfg)  # refuses a run folder made with other settings
     done = run.completed_rounds()
     last = run.load(done[-1]) if done else None
@@ -76,7 +84,7 @@ def run_annotated_round(cfg: ExperimentConfig, eval_labels: str | Path | None = 
     r = len(done)
     # Ray Train's checkpoints of a round that was never committed: its labels may have changed since, so
     # it starts again from the last committed model (Ray Train would refuse a folder of other inputs).
-    shutil.rmtree(run.root / "ray_train" / f"round_{r:03d}", ignore_errors=True)
+    (run.root / "ray_train" / f"round_{r:03d}").delete()
     init_ray(cfg.runtime.num_cpus, cfg.runtime.no_progress_timeout_s)
     evaluation = None if held_out is None else Evaluation("eval", pool, held_out.ids, held_out.labels)
     transform = DATASETS[cfg.data.dataset].transform(cfg.data.image_size)

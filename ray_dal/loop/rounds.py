@@ -2,7 +2,8 @@
 
 `run_round`: train on S with Ray Train (continuing from the given weights with a fresh optimiser),
 compute G in the same workers, measure accuracy on held-out labeled samples, choose the next query of
-any strategy (Ray Data), and commit ``round_NNN/`` atomically (`ray_dal.loop.run_dir`). The simulated
+any strategy (Ray Data), and commit ``round_NNN/`` atomically (`ray_dal.loop.run_dir`; Ray Train's
+checkpoints go to the run's ``ray_train/``, on disk or in the same bucket). The simulated
 loop (`ray_dal.loop.simulation`) and ``ray-dal round`` (`ray_dal.loop.annotated`) both call it: a
 simulated round is a round whose labels come from the dataset.
 """

@@ -17,6 +17,7 @@ import numpy as np
 from ..config import ConfigError, ExperimentConfig
 from ..data import DATASETS, ImageTransform, PoolInfo, inspect_pool, read_labels
 from ..pipeline.runtime import init_ray
+from ..storage import RunLease
 from .rounds import Evaluation, RoundInputs, check_registered, latest_weights, run_round
 from .run_dir import RunDir
 
@@ -78,14 +79,24 @@ def _subsample(ids: np.ndarray, size: int | None, rng: np.random.Generator, key:
 
 
 def run_experiment(cfg: ExperimentConfig) -> RunDir:
-    """Run (or resume) the experiment of ``cfg`` to its last round; returns its run directory."""
+    """Run (or resume) the experiment of ``cfg`` to its last round; returns its run directory.
+
+    Holds the run directory's lease (`ray_dal.storage.RunLease`) throughout: a second process on the same
+    run directory is refused with `RunBusyError` naming this one.
+    """
     run = RunDir(cfg.loop.out)
     exp = load_experiment(cfg)  # every check of the data, the config and the run folder comes before Ray starts
+    with RunLease(run.root):
+        _run_rounds(cfg, run, exp)
+    return run
+
+
+def _run_rounds(cfg: ExperimentConfig, run: RunDir, exp: Experiment) -> None:
     run.start(cfg)
     done = run.completed_rounds()
     if done and done[-1] >= cfg.loop.rounds:
         log.info("%s already holds all %d rounds; nothing to do", run.root, cfg.loop.rounds + 1)
-        return run
+        return
     last = run.load(done[-1]) if done else None
     state = latest_weights(cfg, run, last)
     if last is not None:
@@ -102,4 +113,3 @@ def run_experiment(cfg: ExperimentConfig) -> RunDir:
                                                    budget, test), state)
         if budget is not None:
             labeled = np.union1d(labeled, run.load(r).selected_ids)
-    return run

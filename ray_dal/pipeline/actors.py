@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -12,6 +13,7 @@ import torch
 from ..config import ModelConfig, ScoringConfig
 from ..errors import WeightsError
 from ..models import build_model
+from ..storage import Location, location
 from .runtime import cluster_has_gpus
 
 
@@ -39,17 +41,20 @@ def load_model(model_cfg: ModelConfig | Mapping[str, Any], state_dict: Any, devi
     return model.to(device).eval()
 
 
-def load_weights_file(path: str | Path, fix: str) -> Any:
+def load_weights_file(path: str | Path | Location, fix: str) -> Any:
     """``torch.load(path, weights_only=True)`` on CPU; `WeightsError` naming the file, the reason and ``fix``.
 
-    weights_only refuses pickled code (a callable, any object but tensors and plain containers), so
-    loading a file can never run it.
+    ``path``: a local path or a URI (``s3://...``, `ray_dal.storage.location`; a store that cannot be
+    reached is a `StorageError`). weights_only refuses pickled code (a callable, any object but tensors
+    and plain containers), so loading a file can never run it.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weights file {str(path)!r} does not exist. {fix}")
+    where = location(path)
+    if not where.is_file():
+        raise WeightsError(f"weights file {where.uri!r} does not exist. {fix}")
+    source = where.local if where.is_local else io.BytesIO(where.read_bytes())
+    path = where.uri
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
         reason = next((line for line in lines if "GLOBAL" in line or "nsupported" in line), lines[0])

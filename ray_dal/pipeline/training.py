@@ -30,6 +30,9 @@ epoch) and after the last epoch, under ``<storage_dir>/<name>/epoch_NNNN`` (the 
 A worker that dies restarts from the latest one (``max_failures``). Calling `fit_round` again with
 the same ``storage_dir``/``name`` resumes that run (Ray Train restores it); ``round.json`` there holds
 a fingerprint of the round's inputs, and a different round under the same name is refused.
+``storage_dir`` may be a local path or an object-store URI (`ray_dal.storage.location`): Ray Train then
+reads and writes its checkpoints through the store's pyarrow filesystem, credentials from each process's
+own environment.
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ from ..errors import carried, carry, original_errors
 from ..models import build_model
 from .runtime import cluster_has_gpus
 from ..scoring import labeled_gradient, scoped_parameters
+from ..storage import Location, location
 
 DATASET = "labeled"
 CHECKPOINT_FILE = "model.pt"
@@ -178,7 +182,7 @@ def fit_round(
     init_state: dict[str, torch.Tensor] | None,
     *,
     seed: int,
-    storage_dir: str | Path,
+    storage_dir: str | Path | Location,
     name: str,
     scope: str = "all",
     compute_grad_sum: bool = True,
@@ -192,7 +196,7 @@ def fit_round(
     Train's local mode: no checkpoints, no retries). Raises `TrainingError` when Ray Train fails.
     """
     _check_fit_inputs(model_cfg, train_cfg, init_state, scope, name, max_failures)
-    storage = Path(storage_dir).expanduser().resolve()
+    storage = _storage(storage_dir)
     ids = dataset_ids(labeled)
     world = max(train_cfg.num_workers, 1)
     if len(ids) < world:
@@ -221,7 +225,7 @@ def fit_round(
             num_workers=train_cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
-            storage_path=str(storage),
+            **_storage_options(storage),
             name=name,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
@@ -329,7 +333,21 @@ def _fingerprint(model_cfg, train_cfg, ids, init_state, seed) -> str:
     return h.hexdigest()
 
 
-def _claim_run_dir(run_dir: Path, fingerprint: str) -> None:
+def _storage(storage_dir: str | Path | Location) -> Location:
+    """``storage_dir`` as a `Location` (a local path made absolute, symlinks resolved: Train workers chdir)."""
+    storage = location(storage_dir)
+    return location(Path(storage.path).resolve()) if storage.is_local else storage
+
+
+def _storage_options(storage: Location) -> dict[str, Any]:
+    """`RunConfig`'s storage arguments: a local path as it is; in an object store ``bucket/prefix`` (no
+    scheme) with the store's filesystem (a scheme next to a filesystem fails inside Train's controller)."""
+    if storage.is_local:
+        return {"storage_path": storage.path}
+    return {"storage_path": storage.path, "storage_filesystem": storage.fs}
+
+
+def _claim_run_dir(run_dir: Location, fingerprint: str) -> None:
     """Record the round's fingerprint in ``run_dir``; refuse a folder that belongs to another round."""
     marker = run_dir / FINGERPRINT_FILE
     if marker.is_file():
@@ -339,7 +357,7 @@ def _claim_run_dir(run_dir: Path, fingerprint: str) -> None:
                 "use another name or delete the folder"
             )
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir()
     marker.write_text(json.dumps({"fingerprint": fingerprint}))
 
 
