@@ -14,6 +14,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from .storage import Location, location
+
 TOP_B_STRATEGIES = ("dynamic", "random", "entropy", "margin", "confidence")  # a score per sample; the top b
 DIVERSITY_STRATEGIES = ("coreset", "badge", "albl")  # a batch chosen jointly from embedded candidates
 STRATEGIES = TOP_B_STRATEGIES + DIVERSITY_STRATEGIES
@@ -122,16 +124,16 @@ def from_dict(values: Mapping[str, Any] | None) -> ExperimentConfig:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
-    """Defaults, then the YAML file at ``path``, then ``overrides`` (``{"section.key": value}``)."""
+def load_config(path: "str | Path | Location | None" = None,
+                overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
+    """Defaults, then the YAML file at ``path`` (a local path or a URI), then ``overrides`` (``{"section.key": value}``)."""
     values: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
+        where = location(path)
+        if not where.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            with path.open() as f:
-                values = yaml.safe_load(f) or {}
+            values = yaml.safe_load(where.read_text()) or {}
         except yaml.YAMLError as error:  # includes !!python tags, which safe_load never constructs
             raise ConfigError(f"config file {str(path)!r} is not plain YAML data: {error}") from None
         if not isinstance(values, dict):
@@ -147,8 +149,9 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
     return from_dict(values)
 
 
-def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def save_config(cfg: ExperimentConfig, path: "str | Path | Location") -> None:
+    """Write ``cfg`` as YAML to ``path`` (a local path or a URI), all at once."""
+    location(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def validate(cfg: ExperimentConfig) -> None:

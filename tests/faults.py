@@ -107,3 +107,17 @@ def kill_job_when(argv: list[str], condition: Callable[[int], bool], what: str, 
     finally:
         os.killpg(job.pid, signal.SIGKILL)
         job.wait()
+
+
+# A run that writes round 0 (tiny) then round 1 with a model.pt of ``argv[2]`` float32 values into run dir
+# ``argv[1]``: large enough that a kill lands while round 1 is being written (on disk or uploaded).
+ROUND_WRITER = """
+import sys
+import numpy as np, torch
+from ray_dal.config import ExperimentConfig
+from ray_dal.loop.run_dir import RunDir
+run, ids = RunDir(sys.argv[1]), np.arange(10)
+run.start(ExperimentConfig())
+for r, size in ((0, 1), (1, int(sys.argv[2]))):
+    run.write_round(r, ids, ids % 10, {"w": torch.ones(size)}, {"round": r}, {"id": ids[:2], "score": np.ones(2)})
+"""

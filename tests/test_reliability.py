@@ -35,6 +35,7 @@ from ray_dal.scoring import labeled_gradient
 from . import node_loss
 from .conftest import JOB_ARGS, REPO, assert_same_run, run_job
 from .faults import (
+    ROUND_WRITER,
     SCORER,
     KillMidScoring,
     descendants,
@@ -138,23 +139,12 @@ def test_losing_a_node_during_scoring_gives_the_same_query(ray_local, pool, weig
 
 # ---- preemption: a killed run resumes from its last complete round --------------------------------------
 
-WRITER = """
-import sys
-import numpy as np, torch
-from ray_dal.config import ExperimentConfig
-from ray_dal.loop.run_dir import RunDir
-run, ids = RunDir(sys.argv[1]), np.arange(10)
-run.start(ExperimentConfig())
-for r, size in ((0, 1), (1, 2**27)):  # round 1's model.pt (512 MB) takes a while to write: killed meanwhile
-    run.write_round(r, ids, ids % 10, {"w": torch.ones(size)}, {"round": r}, {"id": ids[:2], "score": np.ones(2)})
-"""
-
 
 def test_a_kill_while_a_round_is_written_leaves_only_complete_rounds(tmp_path):
     out = tmp_path / "run"
     partial = out / ".round_001.partial"
-    kill_job_when([sys.executable, "-c", WRITER, str(out)], lambda pid: (partial / "model.pt").exists(),
-                  "round 1's write began")
+    kill_job_when([sys.executable, "-c", ROUND_WRITER, str(out), str(2**27)],  # a 512 MB model.pt
+                  lambda pid: (partial / "model.pt").exists(), "round 1's write began")
     run = RunDir(out)
     assert partial.is_dir() and not run.round_path(1).exists()  # killed mid-write: only the partial folder
     assert run.completed_rounds() == [0]

@@ -31,7 +31,7 @@ from ray_dal.loop.run_dir import MANIFEST, RunDir
 from ray_dal.storage import RunBusyError, RunLease, location
 
 from .conftest import JOB_ARGS, REPO, assert_same_run, run_job
-from .faults import kill_job_when
+from .faults import ROUND_WRITER, kill_job_when
 from .s3_server import ENV
 from .test_round import ROUND_ARGS, assert_same_round
 
@@ -111,22 +111,13 @@ def test_a_round_in_a_bucket_counts_only_with_its_manifest_and_matching_sizes(bu
     assert run.completed_rounds() == [0, 1] and np.array_equal(run.load(1).selected_ids, [0, 1])
 
 
-WRITER = """
-import sys
-import numpy as np, torch
-from ray_dal.config import ExperimentConfig
-from ray_dal.loop.run_dir import RunDir
-run, ids = RunDir(sys.argv[1]), np.arange(10)
-run.start(ExperimentConfig())
-for r, size in ((0, 1), (1, 2**25)):  # round 1's model.pt (128 MB) takes a while to upload: killed meanwhile
-    run.write_round(r, ids, ids % 10, {"w": torch.ones(size)}, {"round": r}, {"id": ids[:2], "score": np.ones(2)})
-"""
 
 
 def test_a_kill_while_a_round_is_uploaded_leaves_only_complete_rounds(bucket):
     uri = f"s3://{bucket}/run"
     started = location(f"{uri}/round_001/labeled.parquet")
-    kill_job_when([sys.executable, "-c", WRITER, uri], lambda pid: started.exists(), "round 1's upload began")
+    kill_job_when([sys.executable, "-c", ROUND_WRITER, uri, str(2**25)],  # a 128 MB model.pt to upload
+                  lambda pid: started.exists(), "round 1's upload began")
     run = RunDir(uri)
     assert started.exists() and not location(f"{uri}/round_001/{MANIFEST}").exists()
     assert run.completed_rounds() == [0] and [json.loads(x)["round"] for x in

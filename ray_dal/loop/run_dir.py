@@ -35,7 +35,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Mapping
@@ -47,7 +46,7 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
-from ..config import ConfigError, ExperimentConfig, load_config
+from ..config import ConfigError, ExperimentConfig, load_config, save_config
 from ..pipeline.actors import load_weights_file
 from ..storage import Location, location
 from ..storage.location import local_stand_in
@@ -112,7 +111,7 @@ class RunDir:
                     f"{self.root} holds a run with a different configuration ({'; '.join(diffs)}). "
                     "Resume it with the same settings, or pass a new --out."
                 )
-        path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        save_config(cfg, path)
         if self.root.is_local:
             root = self.root.local
             for stale in root.glob(".round_*.partial"):  # left by a run killed mid-write
@@ -128,13 +127,7 @@ class RunDir:
 
     def config(self, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
         """The run's config.yaml (`ray_dal.config.load_config`), with ``overrides``."""
-        path = self.root / "config.yaml"
-        if path.is_local:
-            return load_config(path.local, overrides)
-        with tempfile.TemporaryDirectory() as folder:
-            copy = Path(folder) / "config.yaml"
-            copy.write_text(path.read_text())
-            return load_config(copy, overrides)
+        return load_config(self.root / "config.yaml", overrides)
 
     def load(self, index: int) -> Round:
         """Round ``index``; `WeightsError` if its model.pt is not plain weights (never unpickles code)."""
