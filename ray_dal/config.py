@@ -45,11 +45,16 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
+    """``num_workers: auto`` trains where a round is cheapest: in the driver when training would use no GPU
+    (no Ray Train start-up per round; a killed run resumes from its last completed round), on
+    one Ray Train GPU worker otherwise (active learning's labeled sets are small; give a count for DDP).
+    Every round's ``train_workers`` metric says which was used (0: the driver)."""
+
     max_epochs: int = 100  # a round ends after this many epochs ...
     train_accuracy: float | None = 0.99  # ... or once training accuracy reaches this (None: epochs only)
     lr: float = 1e-3  # Adam, fresh each round
     batch_size: int = 128
-    num_workers: int = 2  # Ray Train workers (data parallel)
+    num_workers: int | str = "auto"  # Ray Train workers (data parallel); 0: in the driver; "auto": above
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     cpus_per_worker: float = 0.5  # leaves headroom for Ray Data's read tasks on small machines
     checkpoint_every_s: float = 30.0  # report + checkpoint at most this often (and at a round's end); 0: every epoch
@@ -174,7 +179,9 @@ def validate(cfg: ExperimentConfig) -> None:
     need(t.lr > 0, "train.lr", t.lr, "must be > 0")
     need(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
     need(t.checkpoint_every_s >= 0, "train.checkpoint_every_s", t.checkpoint_every_s, "must be >= 0")
-    need(t.num_workers >= 0, "train.num_workers", t.num_workers, "must be >= 0 (0 trains in the driver)")
+    need(t.num_workers == "auto" or (isinstance(t.num_workers, int) and not isinstance(t.num_workers, bool)
+                                     and t.num_workers >= 0), "train.num_workers", t.num_workers,
+         "give an int >= 0 (0 trains in the driver) or 'auto' (the driver without GPUs, else one GPU worker)")
     need(lp.initial >= 1, "loop.initial", lp.initial, "must be >= 1")
     need(lp.budget >= 1, "loop.budget", lp.budget, "must be >= 1")
     need(lp.rounds >= 0, "loop.rounds", lp.rounds, "must be >= 0")

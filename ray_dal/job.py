@@ -25,6 +25,16 @@ from .loop.simulation import run_experiment
 from .models import available_models
 from .loop.run_dir import RunDir
 
+def workers_count(value: str) -> int | str:
+    """``--num-workers``: a count, or ``auto`` (`ray_dal.config.TrainConfig`)."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give a number of workers or 'auto', not {value!r}") from None
+
+
 FLAGS = {  # flag -> (config key, type, help)
     "--data-dir": ("data.data_dir", str, "the data as Parquet, torchvision's layout or an ImageFolder copy, or where "
                                          "to download it"),
@@ -39,7 +49,7 @@ FLAGS = {  # flag -> (config key, type, help)
     "--epochs": ("train.max_epochs", int, "max epochs per round"),
     "--train-accuracy": ("train.train_accuracy", float, "end a round at this training accuracy"),
     "--seed": ("loop.seed", int, "seed of the initial set, the model and the shuffles"),
-    "--num-workers": ("train.num_workers", int, "Ray Train workers"),
+    "--num-workers": ("train.num_workers", workers_count, "Ray Train workers; 0: train in the driver; auto"),
     "--num-scorers": ("scoring.num_scorers", int, "Ray Data scoring actors"),
     "--pool-size": ("data.pool_size", int, "use a seeded subsample of the training pool"),
     "--test-size": ("data.test_size", int, "use a seeded subsample of the test set"),

@@ -38,6 +38,8 @@ def test_overrides_beat_the_file_which_beats_the_defaults(tmp_path):
         ("loop:\n  budget: 0\n", "loop.budget = 0 is invalid"),
         ("train:\n  train_accuracy: 1.5\n", "train.train_accuracy = 1.5 is invalid"),
         ("- just\n- a list\n", "must hold a mapping"),
+        ("train:\n  num_workers: two\n", r"train.num_workers = 'two' is invalid: give an int >= 0 .* or 'auto'"),
+        ("train:\n  num_workers: -1\n", "train.num_workers = -1 is invalid"),
     ],
 )
 def test_bad_configs_name_the_key_and_the_fix(tmp_path, text, message):
@@ -61,3 +63,15 @@ def test_a_config_cannot_execute_code(tmp_path):
     with pytest.raises(ConfigError, match=r"evil.yaml' is not plain YAML data.*python/object"):
         load_config(path)
     assert not Path(marker).exists()
+
+
+def test_the_num_workers_flag_takes_a_count_or_auto(capsys):
+    from ray_dal.job import FLAGS, build_parser, config_overrides
+
+    parser = build_parser(REPO / "configs" / "cifar10.yaml")
+    for given, want in (("auto", "auto"), ("3", 3), ("0", 0)):
+        args = vars(parser.parse_args(["--num-workers", given]))
+        assert load_config(args["config"], config_overrides(args, FLAGS)).train.num_workers == want
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--num-workers", "two"])
+    assert "give a number of workers or 'auto', not 'two'" in capsys.readouterr().err

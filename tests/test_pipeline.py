@@ -46,6 +46,10 @@ def test_run_directory_layout_and_queries(finished_run, data_dir):
         assert labeled["label"].to_pylist() == [pool_labels[i] for i in ids.tolist()]  # the oracle's labels
         assert 0.0 <= m["test_accuracy"] <= 1.0 and m["train_seconds"] > 0
         assert m["pool_size"] == len(pool_ids) - len(ids)
+        assert m["train_workers"] == 2  # JOB_ARGS: --num-workers 2 (Ray Train)
+        parts = ["prepare", "train_startup", "train", "grad", "eval", "score", "approximation"]
+        seconds = [m.get(f"{p}_seconds") or 0.0 for p in parts]
+        assert min(seconds[:5]) > 0 and sum(seconds) < m["round_seconds"], dict(zip(parts, seconds))
         model = build_model("cnn", 10)
         model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
         if r < ROUNDS:

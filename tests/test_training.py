@@ -8,6 +8,7 @@ from it. Train tests must run serially in one process (gloo ports). G is always 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -34,6 +35,7 @@ from ray_dal.pipeline.training import (
     fit_round,
     prepare_labeled,
     step_plan,
+    train_workers,
 )
 
 from .faults import descendants
@@ -217,6 +219,30 @@ def test_fit_in_process_with_zero_workers(ray_local, train_path, tmp_path):
     x, y = decode_rows(train_path, ids)
     assert_grad_close(fit.grad_sum, labeled_gradient(trained_model(fit.state_dict), (x, y), "all"))
     assert not (tmp_path / "local" / "epoch_0001").exists()  # local mode keeps no checkpoints
+    assert fit.workers == 0
+    auto = fit_round(MODEL, dataclasses.replace(cfg, num_workers="auto"), prepare_labeled(str(train_path), ids), None,
+                     seed=0, storage_dir=tmp_path, name="auto")  # no GPU here: "auto" trains in this process
+    assert auto.workers == 0 and not (tmp_path / "auto").exists()
+    assert all(torch.equal(auto.state_dict[k], v) for k, v in fit.state_dict.items())
+
+
+def test_the_labeled_set_decoded_here_is_the_one_a_ray_data_pass_decodes(ray_local, train_path):
+    ids = seeded_ids(50_000, 1500, seed=8)[::-1].copy()  # any order in, sorted out of the training loop
+    people = np.random.default_rng(0).integers(0, 10, ids.size)
+    for labels in (None, people):
+        sets = [prepare_labeled(str(train_path), ids, labels=labels, here=here) for here in (False, True)]
+        ray_rows, here_rows = (ds.to_pandas().sort_values("id").reset_index(drop=True) for ds in sets)
+        assert ray_rows["id"].tolist() == here_rows["id"].tolist() == sorted(ids.tolist())
+        assert ray_rows["label"].tolist() == here_rows["label"].tolist()
+        assert np.array_equal(np.stack(ray_rows["x"]), np.stack(here_rows["x"]))
+    assert here_rows["label"].tolist() == people[np.argsort(ids)].tolist()  # people's labels, not the pool's
+
+
+def test_auto_workers_train_in_the_driver_without_a_gpu_and_on_one_gpu_worker_with_one(ray_local):
+    assert train_workers(TrainConfig(num_workers="auto")) == 0  # this cluster has no GPU
+    assert train_workers(TrainConfig(num_workers="auto", use_gpu=True)) == 1
+    assert train_workers(TrainConfig(num_workers="auto", use_gpu=False)) == 0
+    assert [train_workers(TrainConfig(num_workers=n, use_gpu=True)) for n in (0, 3)] == [0, 3]
 
 
 def test_evaluate_is_exact(fit2, ray_local, cifar10_dir):

@@ -22,7 +22,7 @@ from ..config import ConfigError, ExperimentConfig
 from ..data import DATASETS, ImageTransform, PoolInfo, preprocess_batch, read_labeled, read_pool, read_rows
 from ..models import available_models, build_model
 from ..pipeline.actors import check_weights, load_model
-from ..pipeline.training import count_correct, dataset_ids, fit_round, prepare_labeled
+from ..pipeline.training import count_correct, dataset_ids, fit_round, prepare_labeled, train_workers
 from ..pipeline.pool_scoring import PoolQuery
 from ..scoring import approximation_ratio
 from .query import Labeled, select_query
@@ -83,13 +83,16 @@ def run_round(cfg: ExperimentConfig, run: RunDir, rnd: RoundInputs, state: dict)
     round_start = time.perf_counter()
     r, on_bad = rnd.index, cfg.data.on_bad_image
     seed = cfg.loop.seed * 10_000 + r
-    train_set = prepare_labeled(rnd.pool, rnd.labeled_ids, rnd.transform, on_bad=on_bad, labels=rnd.labels)
+    train_set = prepare_labeled(rnd.pool, rnd.labeled_ids, rnd.transform, on_bad=on_bad, labels=rnd.labels,
+                                here=train_workers(cfg.train) == 0)  # decoded where it is trained
     skipped = np.setdiff1d(rnd.labeled_ids, dataset_ids(train_set)) if on_bad == "skip" else np.empty(0, np.int64)
+    fit_start = time.perf_counter()
     fit = fit_round(
         cfg.model, cfg.train, train_set, state,
         seed=seed, storage_dir=run.root / "ray_train", name=f"round_{r:03d}", scope=cfg.scoring.scope,
         compute_grad_sum=cfg.scoring.strategy == "dynamic",
     )
+    fit_end = time.perf_counter()
     check_weights(cfg.model, fit.state_dict, f"round {r}'s trained model (train.lr = {cfg.train.lr})")
     accuracy, eval_seconds, skipped_eval = _evaluate(cfg, rnd, fit.state_dict)
     query = None
@@ -111,11 +114,14 @@ def run_round(cfg: ExperimentConfig, run: RunDir, rnd: RoundInputs, state: dict)
         "epochs": fit.epochs,
         "train_seconds": fit.train_seconds,
         "grad_seconds": fit.grad_seconds,
+        "train_workers": fit.workers,  # 0: trained in the driver (train.num_workers, "auto" resolved)
+        "prepare_seconds": fit_start - round_start,  # S read and decoded (here when trained here, else Ray Data)
+        "train_startup_seconds": fit_end - fit_start - fit.train_seconds - fit.grad_seconds,  # Ray Train's start
         "eval_seconds": eval_seconds,
         "score_seconds": None if query is None else query.seconds,
         "pool_size": int(rnd.pool.num_rows - len(rnd.labeled_ids) - len(rnd.exclude_ids)),  # unlabeled samples
         "samples_per_second": None if query is None else query.samples_per_second,
-        "round_seconds": time.perf_counter() - round_start,  # the whole round: Ray Train start-up included
+        "round_seconds": time.perf_counter() - round_start,  # the whole round up to its commit, every start-up included
         "strategy": cfg.scoring.strategy,
         "skipped_ids": skipped.tolist(),  # pool images that could not be decoded (on_bad_image: skip): never queried
         **({f"skipped_{rnd.evaluation.name}_ids": skipped_eval.tolist()} if rnd.evaluation is not None else {}),

@@ -46,11 +46,12 @@ import queue
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import pyarrow as pa
 import ray
 import torch
 import torch.distributed as dist
@@ -65,13 +66,15 @@ from ray.train import (
 )
 from ray.train.torch import TorchTrainer
 from ray.data import DataContext, ExecutionOptions
+from ray.data.extensions import ArrowTensorArray
 from ray.util.queue import Queue as RayQueue
 from torch import nn
 
 from .. import console
 from .actors import actor_device, check_weights, load_model, use_cpu_share
 from ..config import ExperimentConfig, ModelConfig, TrainConfig, validate
-from ..data import DEFAULT_TRANSFORM, ImageTransform, PoolInfo, preprocess_batch, read_labeled, read_pool
+from ..data import (DEFAULT_TRANSFORM, ImageTransform, PoolInfo, preprocess_batch, read_labeled, read_pool,
+                    read_rows)
 from ..errors import carried, carry, original_errors
 from ..models import build_model
 from .runtime import cluster_has_gpus
@@ -99,6 +102,7 @@ class RoundFit:
     train_seconds: float  # rank 0's wall time in the epoch loop (this attempt)
     grad_seconds: float  # rank 0's wall time for G, all-reduce included (0 when not computed)
     resumed_from_epoch: int = 0  # the checkpoint epoch the final attempt started from (0: from init_state)
+    workers: int = 0  # Ray Train workers that trained (0: this process; `train_workers`)
 
 
 # ----------------------------------------------------------------------------------------- labeled set
@@ -106,17 +110,21 @@ class RoundFit:
 
 def prepare_labeled(
     pool: PoolInfo | str, ids: np.ndarray, transform: ImageTransform = DEFAULT_TRANSFORM, on_bad: str = "fail",
-    labels: np.ndarray | None = None,
+    labels: np.ndarray | None = None, here: bool = False,
 ) -> ray.data.Dataset:
     """Read the rows ``ids`` of ``pool``, decode them once and materialise: columns ``id``, ``x``, ``label``.
 
     ``label`` comes from ``labels`` (aligned with ``ids``) when given, else from the pool's label column.
+    ``here``: read and decode in this process, not in a Ray Data pass (for a set this process trains on: no
+    tasks to start, ~0.1 s for 1,000 CIFAR-10 images against 0.7-14 s for a pass on 2 cores); the same rows.
 
     Raises ``ValueError`` for empty, non-integer or duplicate ids, or ids the pool does not hold, and
     ``ImageDecodeError`` (with the ids) for images that cannot be used; under ``on_bad="skip"`` those
     rows are left out instead (`dataset_ids` tells which ids remain).
     """
     ids = _check_ids(ids)
+    if here:
+        return _decoded_here(pool, ids, transform, on_bad, labels)
     rows = read_pool(pool, ids=ids) if labels is None else read_labeled(pool, ids, labels)
     labeled = rows.map_batches(
         carry(preprocess_batch), batch_format="numpy", fn_kwargs={"transform": transform, "on_bad": on_bad}
@@ -128,6 +136,29 @@ def prepare_labeled(
         raise ValueError(f"the pool holds {found} of the {len(ids)} requested labeled ids")
     labeled.context.enable_progress_bars = False  # the workers' re-reads of this small set need no bars
     return labeled
+
+
+def _decoded_here(pool: PoolInfo | str, ids: np.ndarray, transform: ImageTransform, on_bad: str,
+                  labels: np.ndarray | None) -> ray.data.Dataset:
+    """`prepare_labeled` in this process: the rows read with `read_rows`, decoded in slices of 1,024 images."""
+    if labels is not None:
+        labels = np.asarray(labels, np.int64)
+        if labels.shape != ids.shape:
+            raise ValueError(f"ids and labels must be 1-D arrays of one length, got {ids.shape} and {labels.shape}")
+    table = read_rows(pool, ids, ("id", "image") if labels is not None else ("id", "image", "label"))
+    parts = []
+    for start in range(0, len(ids), 1024):
+        piece = table.slice(start, 1024)
+        batch = {name: piece.column(name).to_numpy(zero_copy_only=False) for name in piece.column_names}
+        if labels is not None:
+            batch["label"] = labels[start : start + 1024]
+        parts.append(preprocess_batch(batch, transform=transform, on_bad=on_bad))
+    parts = [p for p in parts if len(p["id"])]
+    if not parts:
+        raise ValueError(f"none of the {len(ids)} labeled images could be decoded (data.on_bad_image: skip)")
+    decoded = {name: np.concatenate([p[name] for p in parts]) for name in ("id", "x", "label")}
+    return ray.data.from_arrow(pa.table({"id": decoded["id"], "x": ArrowTensorArray.from_numpy(decoded["x"]),
+                                         "label": decoded["label"]}))
 
 
 def _check_ids(ids: Any) -> np.ndarray:
@@ -193,15 +224,17 @@ def fit_round(
     ``labeled`` is `prepare_labeled`'s output (columns ``id``, ``x``, ``label``). The round stops after
     ``train_cfg.max_epochs`` epochs or once the epoch's training accuracy reaches
     ``train_cfg.train_accuracy``. ``train_cfg.num_workers = 0`` runs the loop in this process (Ray
-    Train's local mode: no checkpoints, no retries). Raises `TrainingError` when Ray Train fails.
+    Train's local mode: no checkpoints, no retries); ``"auto"`` is resolved by `train_workers`. Raises
+    `TrainingError` when Ray Train fails.
     """
     _check_fit_inputs(model_cfg, train_cfg, init_state, scope, name, max_failures)
+    train_cfg = replace(train_cfg, num_workers=train_workers(train_cfg))
     storage = _storage(storage_dir)
     ids = dataset_ids(labeled)
     world = max(train_cfg.num_workers, 1)
     if len(ids) < world:
         raise ValueError(f"the labeled set has {len(ids)} rows, fewer than train.num_workers = {world}")
-    use_gpu = cluster_has_gpus() if train_cfg.use_gpu is None else bool(train_cfg.use_gpu)
+    use_gpu = _uses_gpu(train_cfg)
     local = train_cfg.num_workers == 0
     if not local:
         _claim_run_dir(storage / name, _fingerprint(model_cfg, train_cfg, ids, init_state, seed))
@@ -244,7 +277,19 @@ def fit_round(
         raise TrainingError(f"round {name!r} (storage {storage / name}) finished without a result from rank 0")
     out = dict(result.return_value)
     out.update(torch.load(io.BytesIO(out.pop("tensors")), map_location="cpu", weights_only=True))
-    return RoundFit(**out)
+    return RoundFit(**out, workers=train_cfg.num_workers)
+
+
+def train_workers(train_cfg: TrainConfig) -> int:
+    """``train.num_workers`` as a count; ``"auto"``: 0 (train in this process) when training would use no
+    GPU (``use_gpu`` False, or None on a cluster without GPUs), else 1 (one Ray Train worker on a GPU)."""
+    if train_cfg.num_workers != "auto":
+        return int(train_cfg.num_workers)
+    return 1 if _uses_gpu(train_cfg) else 0
+
+
+def _uses_gpu(train_cfg: TrainConfig) -> bool:
+    return cluster_has_gpus() if train_cfg.use_gpu is None else bool(train_cfg.use_gpu)
 
 
 def _ingest_options() -> ExecutionOptions:
