@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from ray_dal.config import ModelConfig, ScoringConfig
-from ray_dal.data import ImageDecodeError, preprocess_batch
+from ray_dal.data import ImageDecodeError, preprocess_batch, read_pool
 from ray_dal.models import build_model
-from ray_dal.pipeline.pool_scoring import PoolQuery, score_pool
+from ray_dal.pipeline.pool_scoring import HeldOutRows, PoolQuery, score_pool
+from ray_dal.pipeline.training import count_correct
 from ray_dal.scoring import dynamic_scores, entropy, labeled_gradient, random_scores
 from ray_dal.topk import NonFiniteScoreError, top_b
 
@@ -178,3 +179,29 @@ def test_bad_images_fail_with_their_ids_or_are_skipped_and_reported(ray_local, b
     np.testing.assert_array_equal(q.skipped_ids, bad)
     assert q.num_scored == 57
     np.testing.assert_array_equal(np.sort(q.ids), np.setdiff1d(ids, bad))
+
+
+@pytest.mark.parametrize("strategy", ["dynamic", "margin"])
+def test_held_out_rows_tested_in_the_scoring_pass_change_nothing_and_are_counted_exactly(
+        ray_local, pool_slice, bad_pool, strategy):
+    s = pool_slice
+    path, test_ids, bad = bad_pool  # ids from the test split: some equal excluded pool ids, which must not matter
+    assert np.isin(test_ids, s.exclude).any() or np.isin(test_ids, s.ids).any()
+    held_out = HeldOutRows(read_pool(path), len(test_ids))
+    one = run(s, strategy, on_bad="skip", held_out=held_out)
+    two = run(s, strategy, on_bad="skip")
+    np.testing.assert_array_equal(one.ids, two.ids)
+    np.testing.assert_allclose(one.scores, two.scores, rtol=1e-6)
+    np.testing.assert_array_equal(one.pred, two.pred)
+    assert (one.num_scored, one.skipped_ids.size, two.tested) == (two.num_scored, 0, None)
+    correct, tested, skipped = count_correct(ModelConfig(name="cnn"), s.model.state_dict(), read_pool(path),
+                                             on_bad="skip")
+    assert (one.tested.correct, one.tested.tested) == (correct, tested) == (one.tested.correct, 57)
+    np.testing.assert_array_equal(one.tested.skipped_ids, bad)
+    rows = pq.read_table(path)
+    good = ~np.isin(rows["id"].to_numpy(), bad)
+    decoded = preprocess_batch({"id": rows["id"].to_numpy()[good], "label": rows["label"].to_numpy()[good],
+                                "image": rows["image"].to_numpy(zero_copy_only=False)[good]})
+    with torch.no_grad():  # the oracle: the model in this process on the decodable held-out images
+        want = int((s.model(torch.from_numpy(decoded["x"])).argmax(1).numpy() == decoded["label"]).sum())
+    assert one.tested.correct == want

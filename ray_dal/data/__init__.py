@@ -13,7 +13,7 @@ _EXPORTS = {
     "ray_dal.data.datasets": ("DATASETS", "Dataset", "get_dataset", "resolve_cifar10"),
     "ray_dal.data.image_files": ("resolve_pool",),
     "ray_dal.data.labels": ("class_names", "encode_labels", "load_labels", "read_label_file", "write_label_file"),
-    "ray_dal.data.pools": ("PoolError", "PoolInfo", "RowGroup", "inspect_pool", "read_ids", "read_labeled",
+    "ray_dal.data.pools": ("READ_CPUS", "PoolError", "PoolInfo", "RowGroup", "inspect_pool", "read_ids", "read_labeled",
                            "read_labels", "read_pool", "read_rows", "select_row_groups"),
     "ray_dal.data.synthetic": ("write_synthetic_pool",),
     "ray_dal.data.transforms": ("CIFAR10_MEAN", "CIFAR10_STD", "DEFAULT_TRANSFORM", "ImageDecodeError",

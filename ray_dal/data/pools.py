@@ -35,6 +35,7 @@ from ray_dal.storage import Location, StorageError, location
 from ray_dal.storage.location import explain
 
 ID, IMAGE, LABEL = "id", "image", "label"
+READ_CPUS = 0.25  # per read task: small, so reads keep running beside actors that hold most CPUs
 _COLUMN_TYPES = {
     IMAGE: (lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t), "binary (encoded image bytes)"),
     LABEL: (pa.types.is_integer, "an integer class index"),
@@ -416,7 +417,7 @@ def read_pool(
     pool: PoolInfo | str | Path,
     columns: Sequence[str] = (ID, IMAGE, LABEL),
     ids: np.ndarray | None = None,
-    num_cpus: float = 0.25,
+    num_cpus: float = READ_CPUS,
     preserve_order: bool = True,
 ) -> ray.data.Dataset:
     """Stream a pool as a Ray Dataset: int64 ``id``, binary ``image``, int64 ``label`` (and other file columns).
@@ -446,7 +447,7 @@ def read_pool(
 
 
 def read_labeled(
-    pool: PoolInfo | str | Path, ids: np.ndarray, labels: np.ndarray, num_cpus: float = 0.25
+    pool: PoolInfo | str | Path, ids: np.ndarray, labels: np.ndarray, num_cpus: float = READ_CPUS
 ) -> ray.data.Dataset:
     """`read_pool` of the rows ``ids`` with their ``label`` taken from ``labels`` (aligned with ``ids``), not
     from the pool: labels given by people, or the dataset's own passed explicitly. Columns id, image, label."""

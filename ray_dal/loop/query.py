@@ -27,7 +27,7 @@ import torch
 from ..config import TOP_B_STRATEGIES, ConfigError, ModelConfig, ScoringConfig
 from ..data import DEFAULT_TRANSFORM, ImageTransform, PoolInfo, read_ids
 from ..pipeline.pool_embedding import PoolEmbedding, embed_pool
-from ..pipeline.pool_scoring import PoolQuery, score_pool
+from ..pipeline.pool_scoring import HeldOutRows, PoolQuery, score_pool
 from ..selection import albl, k_center_greedy, kmeans_pp_seeding
 
 log = logging.getLogger("ray_dal")
@@ -55,13 +55,18 @@ def select_query(
     seed: int,
     transform: ImageTransform = DEFAULT_TRANSFORM,
     on_bad: str = "fail",
+    held_out: HeldOutRows | None = None,
 ) -> PoolQuery:
-    """The query of ``scoring_cfg.strategy``: ``budget`` pool ids, none in ``exclude_ids`` (which holds S)."""
+    """The query of ``scoring_cfg.strategy``: ``budget`` pool ids, none in ``exclude_ids`` (which holds S).
+
+    ``held_out``: rows to test the model on in the same pass (top-b strategies only; ``PoolQuery.tested``)."""
     strategy = scoring_cfg.strategy
     common = dict(model_cfg=model_cfg, state_dict=state_dict, scoring_cfg=scoring_cfg, budget=budget,
                   exclude_ids=exclude_ids, seed=seed, transform=transform, on_bad=on_bad)
+    if held_out is not None and strategy not in TOP_B_STRATEGIES:
+        raise ValueError(f"held-out rows ride in the scoring pass of the top-b strategies only, not {strategy!r}")
     if strategy in TOP_B_STRATEGIES:
-        return _top_b(pool, grad_sum=grad_sum, **common)
+        return _top_b(pool, grad_sum=grad_sum, held_out=held_out, **common)
     if strategy == "coreset":
         return _coreset(pool, labeled, **common)
     if strategy == "badge":
@@ -72,9 +77,10 @@ def select_query(
 
 
 def _top_b(pool, *, grad_sum, model_cfg, state_dict, scoring_cfg, budget, exclude_ids, seed, transform,
-           on_bad) -> PoolQuery:
+           on_bad, held_out=None) -> PoolQuery:
     return score_pool(pool, model_cfg=model_cfg, state_dict=state_dict, grad_sum=grad_sum, scoring_cfg=scoring_cfg,
-                      budget=budget, exclude_ids=exclude_ids, seed=seed, transform=transform, on_bad=on_bad)
+                      budget=budget, exclude_ids=exclude_ids, seed=seed, transform=transform, on_bad=on_bad,
+                      held_out=held_out)
 
 
 def candidate_ids(pool: PoolInfo, exclude_ids: np.ndarray, budget: int, limit: int | None, seed: int) -> np.ndarray:

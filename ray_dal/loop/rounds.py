@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import ConfigError, ExperimentConfig
+from ..config import TOP_B_STRATEGIES, ConfigError, ExperimentConfig
 from ..data import DATASETS, ImageTransform, PoolInfo, preprocess_batch, read_labeled, read_pool, read_rows
 from ..models import available_models, build_model
 from ..pipeline.actors import check_weights, load_model
 from ..pipeline.training import count_correct, dataset_ids, fit_round, prepare_labeled, train_workers
-from ..pipeline.pool_scoring import PoolQuery
+from ..pipeline.pool_scoring import HeldOutRows, PoolQuery, Tested
 from ..scoring import approximation_ratio
 from .query import Labeled, select_query
 from .run_dir import Round, RunDir
@@ -94,17 +94,21 @@ def run_round(cfg: ExperimentConfig, run: RunDir, rnd: RoundInputs, state: dict)
     )
     fit_end = time.perf_counter()
     check_weights(cfg.model, fit.state_dict, f"round {r}'s trained model (train.lr = {cfg.train.lr})")
-    accuracy, eval_seconds, skipped_eval = _evaluate(cfg, rnd, fit.state_dict)
     query = None
     if rnd.budget is not None:
         history = _albl_history(run, r) if cfg.scoring.strategy == "albl" else ()
+        one_pass = rnd.evaluation is not None and cfg.scoring.strategy in TOP_B_STRATEGIES
         query = select_query(
             rnd.pool, Labeled(rnd.labeled_ids, rnd.labels, history), model_cfg=cfg.model,
             state_dict=fit.state_dict, grad_sum=fit.grad_sum, scoring_cfg=cfg.scoring, budget=rnd.budget,
             exclude_ids=np.union1d(rnd.labeled_ids, rnd.exclude_ids), seed=seed, transform=rnd.transform,
-            on_bad=on_bad,
+            on_bad=on_bad, held_out=_held_out(rnd.evaluation) if one_pass else None,
         )
         skipped = np.union1d(skipped, query.skipped_ids)
+    if query is not None and query.tested is not None:  # tested in the scoring pass: no time of its own
+        accuracy, eval_seconds, skipped_eval = _accuracy(rnd.evaluation, query.tested), None, query.tested.skipped_ids
+    else:
+        accuracy, eval_seconds, skipped_eval = _evaluate(cfg, rnd, fit.state_dict)
     approximation = _approximation(cfg, rnd, fit.state_dict, fit.grad_sum, query)
     metrics = {
         "round": r,
@@ -117,7 +121,7 @@ def run_round(cfg: ExperimentConfig, run: RunDir, rnd: RoundInputs, state: dict)
         "train_workers": fit.workers,  # 0: trained in the driver (train.num_workers, "auto" resolved)
         "prepare_seconds": fit_start - round_start,  # S read and decoded (here when trained here, else Ray Data)
         "train_startup_seconds": fit_end - fit_start - fit.train_seconds - fit.grad_seconds,  # Ray Train's start
-        "eval_seconds": eval_seconds,
+        "eval_seconds": eval_seconds,  # None: tested in the scoring pass (score_seconds covers both)
         "score_seconds": None if query is None else query.seconds,
         "pool_size": int(rnd.pool.num_rows - len(rnd.labeled_ids) - len(rnd.exclude_ids)),  # unlabeled samples
         "samples_per_second": None if query is None else query.samples_per_second,
@@ -146,13 +150,23 @@ def _evaluate(cfg: ExperimentConfig, rnd: RoundInputs, state_dict: dict) -> tupl
     if ev is None:
         return None, 0.0, np.empty(0, np.int64)
     start = time.perf_counter()
-    rows = read_pool(ev.pool, ids=ev.ids) if ev.labels is None else read_labeled(ev.pool, ev.ids, ev.labels)
     correct, tested, skipped = count_correct(
-        cfg.model, state_dict, rows, num_actors=cfg.scoring.num_scorers, cpus_per_actor=cfg.scoring.cpus_per_scorer,
-        transform=rnd.transform, on_bad=cfg.data.on_bad_image, name=ev.name)
-    if tested == 0:
+        cfg.model, state_dict, _held_out(ev).rows, num_actors=cfg.scoring.num_scorers,
+        cpus_per_actor=cfg.scoring.cpus_per_scorer, transform=rnd.transform, on_bad=cfg.data.on_bad_image,
+        name=ev.name)
+    return _accuracy(ev, Tested(correct, tested, skipped)), time.perf_counter() - start, skipped
+
+
+def _held_out(ev: Evaluation) -> HeldOutRows:
+    """The held-out rows to test on (id, image, label), labels from ``ev.labels`` or else the pool's."""
+    rows = read_pool(ev.pool, ids=ev.ids) if ev.labels is None else read_labeled(ev.pool, ev.ids, ev.labels)
+    return HeldOutRows(rows, len(ev.ids))
+
+
+def _accuracy(ev: Evaluation, tested: Tested) -> float:
+    if tested.tested == 0:
         raise ConfigError(f"no held-out image of {ev.pool.source} could be decoded; see data.on_bad_image")
-    return correct / tested, time.perf_counter() - start, skipped
+    return tested.correct / tested.tested
 
 
 def _approximation(cfg: ExperimentConfig, rnd: RoundInputs, state_dict: dict, grad_sum: dict | None,

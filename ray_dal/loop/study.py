@@ -12,12 +12,15 @@ run, the variants and the seeds::
     out: runs/study_cifar10              # run i of variant v lands in OUT/v/seed_i
     panels: {strategies: [dynamic, ...]} # optional: which variants share a plot panel
     reference: {dynamic: 0.3684}         # optional: a published final accuracy to print beside ours
+    baseline: dynamic                    # optional: compare every variant with this one seed by seed
 
 `run_study` runs every (seed, variant) in turn, seeds outermost (a study cut short has whole seeds),
 each through `ray_dal.loop.simulation.run_experiment`, so re-running resumes it: finished runs are not redone.
 `summarize` reads the runs' metrics into learning curves (test accuracy vs labels, mean and std over
 the seeds), final accuracies and the area under the learning curve (AULC: the trapezoid area of
-accuracy over the label range divided by its width, i.e. the mean accuracy across the budget).
+accuracy over the label range divided by its width, i.e. the mean accuracy across the budget). With a
+``baseline``, every variant with the baseline's label schedule and at least 2 finished seeds in common with it is
+compared seed by seed (`paired`: baseline minus variant of final accuracy and AULC, mean and standard error).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class StudyConfig:
     out: str = "runs/study"
     panels: dict[str, list[str]] = field(default_factory=dict)
     reference: dict[str, float] = field(default_factory=dict)
+    baseline: str | None = None
 
 
 def load_study(path: str | Path, overrides: Mapping[str, Any] | None = None) -> tuple[StudyConfig, Path]:
@@ -69,6 +73,8 @@ def load_study(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
     unknown = sorted({v for names in study.panels.values() for v in names} - set(study.variants))
     if unknown:
         raise ConfigError(f"study file {path}: panels name variants {unknown} that are not in 'variants'")
+    if study.baseline is not None and study.baseline not in study.variants:
+        raise ConfigError(f"study file {path}: baseline {study.baseline!r} is not in 'variants'")
     base = (path.parent / study.config).resolve()
     for name in study.variants:  # every run's config is checked before the first one starts
         run_config(study, base, name, study.seeds[0])
@@ -116,7 +122,8 @@ def aulc(n_labeled: np.ndarray, accuracy: np.ndarray) -> float:
 
 
 def summarize(study: StudyConfig, base: Path) -> dict[str, Any]:
-    """Learning curves and scores per variant, over the seeds whose run has every round (others are listed)."""
+    """Learning curves and scores per variant, over the seeds whose run has every round (others are listed);
+    with a baseline, each other variant's seed-by-seed comparison with it (`add_paired`)."""
     out: dict[str, Any] = {}
     for name in study.variants:
         curves, seeds, incomplete, hours = [], [], [], 0.0
@@ -135,14 +142,78 @@ def summarize(study: StudyConfig, base: Path) -> dict[str, Any]:
             n_labeled = curves[0][0]
             if any(c[0] != n_labeled for c in curves):
                 raise ValueError(f"variant {name!r}: seeds disagree on the label counts per round")
-            acc = np.array([c[1] for c in curves])
-            scores = np.array([aulc(np.array(n_labeled), a) for a in acc])
-            entry.update(n_labeled=n_labeled, accuracy=acc.tolist(), accuracy_mean=acc.mean(0).tolist(),
-                         accuracy_std=acc.std(0).tolist(), final_mean=float(acc[:, -1].mean()),
-                         final_std=float(acc[:, -1].std()), aulc_mean=float(scores.mean()),
-                         aulc_std=float(scores.std()))
+            entry.update(curve_summary(n_labeled, [c[1] for c in curves]))
         out[name] = entry
+    if study.baseline is not None:
+        add_paired(out, study.baseline)
     return out
+
+
+def curve_summary(n_labeled: list[int], accuracy: list[list[float]]) -> dict[str, Any]:
+    """The summary of one variant's learning curves (one accuracy list per seed over the label counts
+    ``n_labeled``): the curves, their mean and std per round, final accuracy and AULC (mean and std over seeds)."""
+    acc = np.array(accuracy, np.float64)
+    scores = np.array([aulc(np.array(n_labeled), a) for a in acc])
+    return dict(n_labeled=list(n_labeled), accuracy=acc.tolist(), accuracy_mean=acc.mean(0).tolist(),
+                accuracy_std=acc.std(0).tolist(), final_mean=float(acc[:, -1].mean()),
+                final_std=float(acc[:, -1].std()), aulc_mean=float(scores.mean()), aulc_std=float(scores.std()))
+
+
+MIN_PAIRED_SEEDS = 2  # a sample std needs two differences
+
+
+def add_paired(summary: dict[str, Any], baseline: str) -> None:
+    """Give every variant of ``summary`` but ``baseline`` either ``paired`` (its `paired` comparison with the
+    baseline, plus the baseline's name) or ``unpaired`` (why not: `unpaired_reason`)."""
+    base = summary[baseline]
+    for name, entry in summary.items():
+        if name == baseline:
+            continue
+        reason = unpaired_reason(base, entry)
+        if reason:
+            entry["unpaired"] = reason
+        else:
+            entry["paired"] = {"baseline": baseline, **paired(base, entry)}
+
+
+def _shared_seeds(base: dict[str, Any], other: dict[str, Any]) -> list[int]:
+    return [s for s in base["seeds"] if s in other["seeds"]]
+
+
+def unpaired_reason(base: dict[str, Any], other: dict[str, Any]) -> str | None:
+    """Why variant ``other`` cannot be compared seed by seed with the baseline ``base`` (summary entries), or None:
+    it needs the same settings but for ``scoring.*`` (the same pool and schedule), and MIN_PAIRED_SEEDS finished
+    seeds in common with it."""
+    setting = lambda entry: {k: v for k, v in entry["overrides"].items() if not k.startswith("scoring.")}  # noqa: E731
+    if setting(other) != setting(base):
+        return "other settings than the baseline's besides scoring (its pool or label schedule)"
+    if len(_shared_seeds(base, other)) < MIN_PAIRED_SEEDS:
+        return f"fewer than {MIN_PAIRED_SEEDS} finished seeds in common with the baseline"
+    if other["n_labeled"] != base["n_labeled"]:
+        return "another label schedule than the baseline's"
+    return None
+
+
+def paired(base: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """Baseline ``base`` minus variant ``other`` (summary entries with one schedule), seed by seed over the seeds
+    both finished: ``seeds`` and, for ``final`` accuracy and ``aulc``, the per-seed ``differences``, their
+    ``mean``, sample ``std`` (ddof=1), the standard error of the mean ``se`` = std / sqrt(n), and in how many
+    seeds the baseline is ``ahead`` (difference > 0). Fractions, as the accuracies."""
+    seeds = _shared_seeds(base, other)
+    mine, theirs = _per_seed_scores(base, seeds), _per_seed_scores(other, seeds)
+    out: dict[str, Any] = {"seeds": seeds}
+    for score in ("final", "aulc"):
+        diff = mine[score] - theirs[score]
+        std = float(diff.std(ddof=1))
+        out[score] = {"differences": diff.tolist(), "mean": float(diff.mean()), "std": std,
+                      "se": std / float(np.sqrt(diff.size)), "ahead": int(np.sum(diff > 0))}
+    return out
+
+
+def _per_seed_scores(entry: dict[str, Any], seeds: list[int]) -> dict[str, np.ndarray]:
+    """Final accuracy and AULC of ``entry``'s runs of ``seeds``, in that order."""
+    acc = np.array([entry["accuracy"][entry["seeds"].index(s)] for s in seeds], np.float64)
+    return {"final": acc[:, -1], "aulc": np.array([aulc(np.array(entry["n_labeled"]), a) for a in acc])}
 
 
 def write_report(study: StudyConfig, summary: dict[str, Any], folder: Path, command: str) -> None:
@@ -161,8 +232,15 @@ def _pm(mean: float, std: float) -> str:
 def _markdown(study: StudyConfig, summary: dict[str, Any], command: str) -> str:
     lines = ["# Study (generated by ray_dal.loop.study)", "", f"Reproduce: `{command}`", "",
              f"Settings for every run: `{json.dumps(study.settings)}`; seeds {study.seeds}. Test accuracy in %, "
-             "mean ± std over the seeds whose run finished (std is the population std).", "",
-             "| variant | overrides | seeds | labels at the end | final accuracy | AULC | reference | compute h |",
+             "mean ± std over the seeds whose run finished (std is the population std).", ""]
+    lines += _results_table(study, summary) + [""] + _curve_tables(summary)
+    if study.baseline is not None:
+        lines += [""] + _paired_table(study.baseline, summary)
+    return "\n".join(lines) + "\n"
+
+
+def _results_table(study: StudyConfig, summary: dict[str, Any]) -> list[str]:
+    lines = ["| variant | overrides | seeds | labels at the end | final accuracy | AULC | reference | compute h |",
              "|---|---|---|---|---|---|---|---|"]
     for name, e in sorted(summary.items(), key=lambda kv: -kv[1].get("aulc_mean", -1)):
         ref = study.reference.get(name)
@@ -173,15 +251,78 @@ def _markdown(study: StudyConfig, summary: dict[str, Any], command: str) -> str:
         lines.append(f"| {name} | `{json.dumps(e['overrides'])}` | {len(e['seeds'])} | {e['n_labeled'][-1]} | "
                      f"{_pm(e['final_mean'], e['final_std'])} | {_pm(e['aulc_mean'], e['aulc_std'])} | "
                      f"{'-' if ref is None else f'{100 * ref:.2f}'} | {e['compute_hours']:.2f} |")
-    lines += ["", "Learning curves (test accuracy % by labels, mean over seeds):", ""]
-    done = {k: e for k, e in summary.items() if "n_labeled" in e}
-    if done:
-        n_labeled = next(iter(done.values()))["n_labeled"]
-        lines += ["| variant | " + " | ".join(str(n) for n in n_labeled) + " |",
-                  "|---|" + "---|" * len(n_labeled)]
-        for name, e in done.items():
-            lines.append(f"| {name} | " + " | ".join(f"{100 * a:.2f}" for a in e["accuracy_mean"]) + " |")
-    return "\n".join(lines) + "\n"
+    return lines + ["", "AULC is the mean accuracy over the label range (trapezoid rule over each round's label "
+                    "count); it compares fairly only between variants with the same label schedule (other "
+                    "schedules' trapezoids use other points)."]
+
+
+def _schedules(summary: dict[str, Any]) -> dict[tuple[int, ...], list[str]]:
+    """The finished variants of ``summary`` grouped by label schedule (their n_labeled), in summary order."""
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for name, e in summary.items():
+        if "n_labeled" in e:
+            groups.setdefault(tuple(e["n_labeled"]), []).append(name)
+    return groups
+
+
+def _schedule_name(n_labeled: tuple[int, ...]) -> str:
+    """E.g. '500 labels, then 10 queries of 100 (1500 at the end)'; the label counts if the steps differ."""
+    steps = set(np.diff(n_labeled).tolist())
+    if len(steps) != 1:
+        return "labels " + ", ".join(map(str, n_labeled))
+    queries = len(n_labeled) - 1
+    return (f"{n_labeled[0]} labels, then {queries} quer{'y' if queries == 1 else 'ies'} of {steps.pop()} "
+            f"({n_labeled[-1]} at the end)")
+
+
+def _curve_tables(summary: dict[str, Any]) -> list[str]:
+    """One learning-curve table per label schedule, each under a line naming the schedule."""
+    lines = ["Learning curves (test accuracy % by labels, mean over seeds), one table per label schedule:"]
+    for n_labeled, names in _schedules(summary).items():
+        lines += ["", f"Schedule: {_schedule_name(n_labeled)}", "",
+                  "| variant | " + " | ".join(str(n) for n in n_labeled) + " |", "|---|" + "---|" * len(n_labeled)]
+        lines += [f"| {name} | " + " | ".join(f"{100 * a:.2f}" for a in summary[name]["accuracy_mean"]) + " |"
+                  for name in names]
+    return lines
+
+
+def _paired_table(baseline: str, summary: dict[str, Any]) -> list[str]:
+    """The `paired` comparisons in ``summary`` as a table (percentage points), and which variants were left out."""
+    rows = [(name, e["paired"]) for name, e in summary.items() if "paired" in e]
+    lines = [f"Paired by seed: {baseline} minus each variant with its label schedule, over the seeds both finished, "
+             "in percentage points, mean ± SE, where SE is the standard error of the mean paired difference "
+             "(sample std / sqrt(n), n = paired seeds).", "",
+             f"| variant | seeds (paired) | final: {baseline} − variant (pp) | AULC: {baseline} − variant (pp) "
+             "| \\|mean\\| > SE? (final) | \\|mean\\| > 2 SE? (final) | \\|mean\\| > SE? (AULC) "
+             f"| \\|mean\\| > 2 SE? (AULC) | {baseline} ahead (final) | {baseline} ahead (AULC) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, p in rows:
+        f, a, n = p["final"], p["aulc"], len(p["seeds"])
+        lines.append(f"| {name} | {', '.join(map(str, p['seeds']))} | {_pm_signed(f)} | {_pm_signed(a)} | "
+                     f"{_beyond(f, 1)} | {_beyond(f, 2)} | {_beyond(a, 1)} | {_beyond(a, 2)} | "
+                     f"{f['ahead']} of {n} | {a['ahead']} of {n} |")
+    return lines + _left_out(baseline, summary)
+
+
+def _left_out(baseline: str, summary: dict[str, Any]) -> list[str]:
+    """A line naming the variants left out of the paired table, grouped by the reason (none if none were)."""
+    reasons: dict[str, list[str]] = {}
+    for name, e in summary.items():
+        if "unpaired" in e:
+            reasons.setdefault(e["unpaired"], []).append(name)
+    if not reasons:
+        return []
+    return ["", f"Left out of the paired table (baseline: {baseline}): "
+            + "; ".join(f"{', '.join(names)} ({reason})" for reason, names in reasons.items()) + "."]
+
+
+def _pm_signed(score: dict[str, Any]) -> str:
+    return f"{100 * score['mean']:+.2f} ± {100 * score['se']:.2f}"
+
+
+def _beyond(score: dict[str, Any], k: int) -> str:
+    """'yes' if the mean paired difference is more than ``k`` standard errors away from 0."""
+    return "yes" if abs(score["mean"]) > k * score["se"] else "no"
 
 
 def _plot(study: StudyConfig, summary: dict[str, Any], path: Path) -> None:

@@ -1,7 +1,9 @@
 """Score an unlabeled pool with Ray Data scoring actors and return its top-b (ids, scores).
 
 Pool -> read tasks (one per row group) -> `PoolScorer` actors (decode, drop excluded ids, score,
-keep the batch's own top-b) -> driver (`TopB` merge). Only ids, scores and the model's prediction of the
+keep the batch's own top-b) -> driver (`TopB` merge). Held-out labeled rows (a round's test set) may ride
+in the same pass (`HeldOutRows`): the same actors count the model's correct predictions on them, so a
+round starts one actor pool, not two. Only ids, scores and the model's prediction of the
 kept samples reach the driver: memory there is O(b) plus one block of per-batch top-b's, never O(pool). The math lives in `ray_dal.scoring`, the decoding in
 `ray_dal.data`, the selection in `ray_dal.topk`; this module only moves things between them.
 
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
 import numpy as np
+import pyarrow as pa
 import ray
 import torch
 
@@ -33,10 +36,12 @@ from ray_dal.pipeline.actors import (
     model_config,
     resolve,
     map_on_scorers,
+    test_batch,
     use_cpu_share,
 )
 from ray_dal.config import TOP_B_STRATEGIES, ConfigError, ModelConfig, ScoringConfig
 from ray_dal.data import (
+    READ_CPUS,
     DEFAULT_TRANSFORM,
     ImageTransform,
     PoolInfo,
@@ -59,6 +64,27 @@ from ray_dal.scoring.params import check_grad_sum, scoped_parameters
 from ray_dal.topk import TopB, top_b_rows
 
 _UNCERTAINTY = {"entropy": entropy, "margin": margin, "confidence": least_confidence}
+HELD_OUT = "held_out"  # column of the scorers' input and output: True on held-out (test) rows
+
+
+@dataclass
+class HeldOutRows:
+    """Labeled samples to test the model on in the scoring pass: ``rows`` a Ray Dataset with columns ``id``,
+    ``image``, ``label`` (`ray_dal.data.read_pool`, `ray_dal.data.read_labeled`) of ``count`` rows. Their ids
+    live apart from the pool's (``exclude_ids`` does not apply to them); they are never candidates."""
+
+    rows: ray.data.Dataset
+    count: int
+
+
+@dataclass
+class Tested:
+    """The model on `HeldOutRows`: ``correct`` of ``tested`` decoded rows; ``skipped_ids`` of images that could
+    not be decoded under ``on_bad="skip"`` (sorted)."""
+
+    correct: int
+    tested: int
+    skipped_ids: np.ndarray
 
 
 @dataclass
@@ -83,6 +109,7 @@ class PoolQuery:
     pred: np.ndarray
     prob: np.ndarray
     info: dict[str, Any] = field(default_factory=dict)
+    tested: Tested | None = None  # held-out rows tested in the same pass (`HeldOutRows`), else None
 
     @property
     def samples_per_second(self) -> float:
@@ -107,11 +134,14 @@ def _as_ids(exclude_ids: Any) -> np.ndarray:
 class PoolScorer:
     """Callable class for ``map_batches``: one model per actor; each batch in, its top-``budget`` out.
 
+    Input: ``id``, ``image`` and, when held-out rows ride along, ``label`` and ``held_out`` (`HELD_OUT`).
     Output per batch (numpy): ``id`` int64, ``score`` float64, ``pred`` int64 / ``prob`` float64 (the
     model's class and its probability; -1 / NaN without a model), ``skipped`` bool (True: an image that
-    failed to decode under ``on_bad="skip"``, score 0, not a candidate) and ``num_scored`` int64,
-    which holds the batch's count of scored samples on its first row and 0 elsewhere (so the column's
-    sum over all batches is the number of samples scored). Errors reach the driver as themselves
+    failed to decode under ``on_bad="skip"``, score 0, not a candidate), ``held_out`` bool (True: a held-out
+    row's; with ``skipped`` False, the batch's counts row, id -1) and the counts ``num_scored`` (pool samples
+    scored), ``correct`` and ``tested`` (held-out rows predicted right / decoded), non-zero only on the
+    counts row that ends every batch (so each column's sum over all batches is the pass's total). Errors
+    reach the driver as themselves
     (`ray_dal.errors.carry`): ``ray_dal.topk.NonFiniteScoreError`` naming the ids whose score is NaN or
     infinite, ``ray_dal.data.ImageDecodeError`` for bad images under ``on_bad="fail"``.
     """
@@ -173,12 +203,13 @@ class PoolScorer:
     @carry
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = np.asarray(batch["id"], dtype=np.int64)
-        keep = ~np.isin(ids, self.exclude_ids)
+        held_out = np.asarray(batch[HELD_OUT], bool) if HELD_OUT in batch else np.zeros(ids.size, bool)
+        keep = ~held_out & ~np.isin(ids, self.exclude_ids)
         top_ids, top_scores, skipped = np.empty(0, np.int64), np.empty(0, np.float64), np.empty(0, np.int64)
         pred, prob = np.empty(0, np.int64), np.empty(0, np.float64)
         count = 0
         if keep.any():
-            kept = {name: np.asarray(col)[keep] for name, col in batch.items()}  # a copy: batches are read-only
+            kept = {"id": ids[keep], "image": np.asarray(batch["image"])[keep]}  # a copy: batches are read-only
             pre = preprocess_batch(kept, transform=self.transform, on_bad=self.on_bad)
             scored_ids = np.asarray(pre["id"], dtype=np.int64)
             skipped = np.setdiff1d(kept["id"], scored_ids)
@@ -189,17 +220,22 @@ class PoolScorer:
                 rows = top_b_rows(scored_ids, scores, self.budget)
                 top_ids, top_scores = scored_ids[rows], scores[rows]
                 pred, prob = self._predictions(x[rows], None if logits is None else logits[rows])
-        n = top_ids.size + skipped.size
-        num_scored = np.zeros(n, np.int64)
-        if n:
-            num_scored[0] = count
+        correct, tested, skipped_held_out = 0, 0, np.empty(0, np.int64)
+        if held_out.any():
+            rows = {name: np.asarray(batch[name])[held_out] for name in ("id", "image", "label")}
+            correct, tested, skipped_held_out = test_batch(self.model, rows, self.transform, self.on_bad, self.device)
+        bad = np.concatenate([skipped, skipped_held_out])
+        n = top_ids.size + bad.size + 1  # the last row carries the batch's counts
+        counts = np.zeros((3, n), np.int64)
+        counts[:, -1] = count, correct, tested
         return {
-            "id": np.concatenate([top_ids, skipped]),
-            "score": np.concatenate([top_scores, np.zeros(skipped.size)]),
-            "pred": np.concatenate([pred, np.full(skipped.size, -1, np.int64)]),
-            "prob": np.concatenate([prob, np.full(skipped.size, np.nan)]),
-            "skipped": np.arange(n) >= top_ids.size,
-            "num_scored": num_scored,
+            "id": np.concatenate([top_ids, bad, [-1]]),
+            "score": np.concatenate([top_scores, np.zeros(bad.size + 1)]),
+            "pred": np.concatenate([pred, np.full(bad.size + 1, -1, np.int64)]),
+            "prob": np.concatenate([prob, np.full(bad.size + 1, np.nan)]),
+            "skipped": (np.arange(n) >= top_ids.size) & (np.arange(n) < n - 1),
+            HELD_OUT: np.arange(n) >= top_ids.size + skipped.size,
+            "num_scored": counts[0], "correct": counts[1], "tested": counts[2],
         }
 
 
@@ -215,8 +251,10 @@ def score_pool(
     seed: int,
     transform: ImageTransform = DEFAULT_TRANSFORM,
     on_bad: str = "fail",
+    held_out: HeldOutRows | None = None,
 ) -> PoolQuery:
-    """Score every pool sample not in ``exclude_ids`` and return the top ``budget`` (a `PoolQuery`).
+    """Score every pool sample not in ``exclude_ids`` and return the top ``budget`` (a `PoolQuery`); test the
+    model on ``held_out`` rows in the same pass (``PoolQuery.tested``).
 
     ``pool`` is what `ray_dal.data.read_pool` takes. ``state_dict`` (of ``build_model(**model_cfg)``)
     and ``grad_sum`` (G, from `ray_dal.scoring.labeled_gradient` with the same scope; needed for
@@ -238,6 +276,8 @@ def score_pool(
             f"budget b = {budget!r} is invalid: pool {info.source} has {info.num_rows} samples, "
             f"{info.num_rows - unlabeled} of them in exclude_ids (labeled), so b must be in [1, {unlabeled}]"
         )
+    if held_out is not None and state_dict is None:
+        raise ValueError("held-out rows are tested with the model: give its state_dict")
     start = time.perf_counter()
     state_ref = grad_ref = None
     if strategy != "random" or state_dict is not None:
@@ -245,33 +285,59 @@ def score_pool(
         state_ref = ray.put({n: t.detach().cpu() for n, t in state_dict.items()})
         if strategy == "dynamic" and grad_sum is not None:
             grad_ref = ray.put({n: t.detach().cpu() for n, t in grad_sum.items()})
+    rows = read_pool(info, columns=("id", "image"), preserve_order=False)
+    if held_out is not None:
+        rows = _tagged(rows, False).union(_tagged(held_out.rows.select_columns(["id", "image", "label"]), True))
     ds = map_on_scorers(
-        read_pool(info, columns=("id", "image"), preserve_order=False), PoolScorer, scoring_cfg,
+        rows, PoolScorer, scoring_cfg,
         model_cfg=model_cfg, state_ref=state_ref, grad_ref=grad_ref, strategy=strategy, gamma=scoring_cfg.gamma,
         scope=scoring_cfg.scope, seed=seed, budget=int(budget), exclude_ids=exclude, transform=transform,
         on_bad=on_bad,
     )
-    merged, num_scored, skipped = TopB(int(budget)), 0, []
-    # The scorer's own error, not Ray's wrapping; the bar counts unlabeled samples done (scored or skipped).
+    merged, skipped, skipped_held_out = TopB(int(budget)), [], []
+    totals = dict.fromkeys(("num_scored", "correct", "tested"), 0)
+    # The scorer's own error, not Ray's wrapping; the bar counts samples done (scored, tested or skipped).
     with original_errors("a ray_dal.pipeline.pool_scoring.PoolScorer actor"), \
-            console.progress(unlabeled, "score", "img") as bar:
+            console.progress(unlabeled + (held_out.count if held_out else 0),
+                             "score" if held_out is None else "test+score", "img") as bar:
         for out in carried(ds).iter_batches(batch_size=None, batch_format="numpy"):
-            bad = out["skipped"]
-            merged.add(out["id"][~bad], out["score"][~bad], pred=out["pred"][~bad], prob=out["prob"][~bad])
-            skipped.append(out["id"][bad])
-            num_scored += int(out["num_scored"].sum())
-            bar.update(int(out["num_scored"].sum()) + int(bad.sum()))
+            bad, test = out["skipped"], out[HELD_OUT]
+            top = ~bad & ~test
+            merged.add(out["id"][top], out["score"][top], pred=out["pred"][top], prob=out["prob"][top])
+            skipped.append(out["id"][bad & ~test])
+            skipped_held_out.append(out["id"][bad & test])
+            batch_totals = {name: int(out[name].sum()) for name in totals}
+            totals = {name: totals[name] + batch_totals[name] for name in totals}
+            bar.update(batch_totals["num_scored"] + batch_totals["tested"] + int(bad.sum()))
     seconds = time.perf_counter() - start
     ids, scores = merged.result()
     predicted = merged.columns()
-    skipped_ids = np.sort(np.concatenate(skipped)) if skipped else np.empty(0, np.int64)
+    num_scored = totals["num_scored"]
+    skipped_ids = _sorted_ids(skipped)
     if ids.size < budget:
         raise ConfigError(
             f"budget b = {budget} exceeds the {num_scored} samples that could be scored "
             f"({skipped_ids.size} bad image(s) skipped, e.g. ids {skipped_ids[:10].tolist()}); lower b"
         )
+    tested = None if held_out is None else Tested(totals["correct"], totals["tested"], _sorted_ids(skipped_held_out))
     return PoolQuery(ids=ids, scores=scores, num_scored=num_scored, seconds=seconds, skipped_ids=skipped_ids,
-                     pred=predicted.get("pred", np.empty(0, np.int64)), prob=predicted.get("prob", np.empty(0)))
+                     pred=predicted.get("pred", np.empty(0, np.int64)), prob=predicted.get("prob", np.empty(0)),
+                     tested=tested)
+
+
+def _sorted_ids(parts: list[np.ndarray]) -> np.ndarray:
+    return np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.empty(0, np.int64)
+
+
+def _tagged(rows: ray.data.Dataset, held_out: bool) -> ray.data.Dataset:
+    """``rows`` with the `HELD_OUT` column (and ``label`` -1 where they have none): one schema for the union."""
+    return rows.map_batches(_tag, batch_format="pyarrow", num_cpus=READ_CPUS, fn_kwargs={"held_out": held_out})
+
+
+def _tag(batch: pa.Table, held_out: bool) -> pa.Table:
+    if "label" not in batch.column_names:
+        batch = batch.append_column("label", pa.array(np.full(batch.num_rows, -1, np.int64)))
+    return batch.append_column(HELD_OUT, pa.array(np.full(batch.num_rows, held_out)))
 
 
 @contextlib.contextmanager

@@ -71,7 +71,7 @@ from ray.util.queue import Queue as RayQueue
 from torch import nn
 
 from .. import console
-from .actors import actor_device, check_weights, load_model, use_cpu_share
+from .actors import actor_device, check_weights, count_right, load_model, test_batch, use_cpu_share
 from ..config import ExperimentConfig, ModelConfig, TrainConfig, validate
 from ..data import (DEFAULT_TRANSFORM, ImageTransform, PoolInfo, preprocess_batch, read_labeled, read_pool,
                     read_rows)
@@ -628,18 +628,11 @@ class _Evaluator:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         skipped = np.empty(0, np.int64)
         if self.decode:
-            ids = np.asarray(batch["id"], np.int64) if "id" in batch else None
-            batch = preprocess_batch(batch, transform=self.transform, on_bad=self.on_bad)
-            if ids is not None:
-                skipped = np.setdiff1d(ids, batch["id"])
-        labels = torch.from_numpy(np.asarray(batch["label"], dtype=np.int64)).to(self.device)
-        correct = 0
-        if len(labels):
-            with torch.inference_mode():
-                logits = self.model(torch.from_numpy(np.array(batch["x"], dtype=np.float32)).to(self.device))
-            correct = int((logits.argmax(dim=1) == labels).sum().item())
+            correct, tested, skipped = test_batch(self.model, batch, self.transform, self.on_bad, self.device)
+        else:
+            correct, tested = count_right(self.model, batch["x"], batch["label"], self.device), len(batch["label"])
         counts = np.zeros((2, 1 + skipped.size), np.int64)
-        counts[:, 0] = correct, len(labels)
+        counts[:, 0] = correct, tested
         return {"correct": counts[0], "n": counts[1], "id": np.concatenate([np.zeros(1, np.int64), skipped]),
                 "skipped": np.arange(1 + skipped.size) > 0}
 
