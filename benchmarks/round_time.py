@@ -14,6 +14,7 @@ Ray Train start-up (where the version records them), the rest; and the ratios of
     overhead  = round_seconds / (train + G + eval + score)            (target <= 1.25, 50k pool)
     non-train = (eval + score) / in-process (decode + test + scoring)  (target <= 1.5, 10k pool)
 
+    python benchmarks/round_time.py --quick --out /tmp/x                                 # smoke run (~1 min)
     python benchmarks/round_time.py --tree after=. --pool-sizes 10000 --repeats 1        # this checkout only
     git worktree add /tmp/before <commit>
     python benchmarks/round_time.py --tree before=/tmp/before --tree after=. --workers before=2 after=auto
@@ -135,6 +136,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "cifar10"))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--quick", action="store_true", help="smoke run: a 1,000-image pool, 200 test images, "
+                        "1 repeat, this checkout only; writes round_time_quick.*")
     parser.add_argument("--one-run", type=Path, help=argparse.SUPPRESS)  # child: write one run's JSON here
     parser.add_argument("--pool-size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--workers-value", help=argparse.SUPPRESS)
@@ -148,12 +151,14 @@ def main(argv=None) -> None:
     sys.path.insert(0, str(REPO / "benchmarks"))
     import record
 
+    if args.quick:
+        args.pool_sizes, args.test_size, args.repeats, args.tree = [1000], 200, 1, []
     trees = dict(t.split("=", 1) for t in args.tree) or {"this": str(REPO)}
     workers = dict(w.split("=", 1) for w in args.workers)
     result = {"machine": record.machine_info(), "command": " ".join(["python", "benchmarks/round_time.py",
                                                                       *(argv or sys.argv[1:])]),
               "settings": {"test_size": args.test_size, "budget": args.budget, "model": "cnn", "num_scorers": 2,
-                           "strategy": "dynamic", "rounds": 1},
+                           "strategy": "dynamic", "rounds": 1, "quick": args.quick},
               "trees": {label: {"path": str(Path(p).resolve()), "commit": _commit(p),
                                 "num_workers": workers.get(label, "auto")} for label, p in trees.items()},
               "runs": []}
@@ -165,7 +170,7 @@ def main(argv=None) -> None:
                 r0 = result["runs"][-1]["rounds"][0]
                 print(f"{label} pool {pool_size} #{repeat}: round 0 {r0['round_seconds']:.1f}s, overhead "
                       f"{r0['overhead_ratio']:.2f}, non-train {r0['non_train_ratio']:.2f}", flush=True)
-    record.save(result, args.out, "round_time", write_markdown, plot)
+    record.save(result, args.out, "round_time_quick" if args.quick else "round_time", write_markdown, plot)
 
 
 def _commit(path: str) -> str | None:

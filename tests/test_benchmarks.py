@@ -132,3 +132,16 @@ def test_approximation_ratio_quick(tmp_path, cifar10_dir):
                 assert abs(c["random_mean"]) < float("inf")  # neither NaN nor infinite
         assert cp["scopes"]["all"]["direct_check"]["rel_diff_vs_cached"] < 1e-4  # the function = the cached terms
     assert r["findings"]
+
+
+@pytest.mark.slow
+def test_round_time_quick(tmp_path, cifar10_dir):
+    result = run_quick("round_time.py", tmp_path, "--data-dir", str(cifar10_dir))
+    (run,) = result["runs"]
+    first, last = run["rounds"]
+    assert (first["round"], last["round"]) == (0, 1) and first["train_workers"] == last["train_workers"] == 0
+    assert first["eval"] is None and first["score"] > 0  # the test set rode in round 0's scoring pass
+    assert last["eval"] > 0 and last["score"] is None  # the last round tests on its own
+    for row in run["rounds"]:
+        assert row["overhead_ratio"] >= 1 and row["other"] >= -1e-6  # the parts never exceed the round
+    assert first["non_train_ratio"] > 0 and run["in_process"]["test_images"] == 200
