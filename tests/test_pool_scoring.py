@@ -13,7 +13,8 @@ import torch
 from ray_dal.config import ModelConfig, ScoringConfig
 from ray_dal.data import ImageDecodeError, preprocess_batch, read_pool
 from ray_dal.models import build_model
-from ray_dal.pipeline.pool_scoring import HeldOutRows, PoolQuery, score_pool
+from ray_dal.pipeline.held_out import HeldOutRows
+from ray_dal.pipeline.pool_scoring import PoolQuery, score_pool
 from ray_dal.pipeline.training import count_correct
 from ray_dal.scoring import dynamic_scores, entropy, labeled_gradient, random_scores
 from ray_dal.topk import NonFiniteScoreError, top_b

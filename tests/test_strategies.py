@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from ray_dal.config import ConfigError, ModelConfig, ScoringConfig
-from ray_dal.data import inspect_pool, preprocess_batch
+from ray_dal.data import inspect_pool, preprocess_batch, read_pool
 from ray_dal.models import build_model
+from ray_dal.pipeline.held_out import HeldOutRows
 from ray_dal.pipeline.pool_embedding import embed_pool
+from ray_dal.pipeline.training import count_correct
 from ray_dal.loop.query import Labeled, candidate_ids, select_query
 from ray_dal.loop.run_dir import RunDir
 from ray_dal.selection import albl, embedding_parts, k_center_greedy, kmeans_pp_seeding
@@ -151,3 +153,22 @@ def test_albl_job_runs_end_to_end_and_a_resumed_run_continues_the_same_bandit(ra
     shutil.copytree(out, resumed, ignore=shutil.ignore_patterns("ray_train", "round_001", "round_002"))
     run_job(["--data-dir", str(cifar10_slice), "--out", str(resumed), *args])
     assert_same_run(resumed, out)
+
+
+@pytest.mark.slow
+def test_held_out_rows_tested_in_the_embedding_pass_change_no_query_and_are_counted_exactly(setting, cifar10_slice):
+    test_path = cifar10_slice / "test.parquet"
+    held_out = HeldOutRows(read_pool(test_path), pq.read_metadata(test_path).num_rows)
+    correct, tested, _ = count_correct(ModelConfig(), setting.state, read_pool(test_path))
+    first = query(setting, "albl")
+    grown = np.union1d(setting.labeled.ids, first.ids)
+    later = Labeled(grown, setting.labels[np.searchsorted(setting.ids, grown)],
+                    [{"selected_ids": first.ids, "albl": first.info["albl"]}])
+    for strategy, labeled in [("coreset", setting.labeled), ("badge", setting.labeled), ("albl", later)]:
+        kwargs = dict(model_cfg=ModelConfig(), state_dict=setting.state, grad_sum=None, budget=BUDGET,
+                      scoring_cfg=dataclasses.replace(setting.scoring, strategy=strategy), exclude_ids=labeled.ids,
+                      seed=SEED)
+        alone, riding = (select_query(setting.pool, labeled, held_out=h, **kwargs) for h in (None, held_out))
+        assert np.array_equal(alone.ids, riding.ids) and alone.info == riding.info, strategy
+        assert alone.tested is None and (riding.tested.correct, riding.tested.tested) == (correct, tested), strategy
+        assert riding.tested.skipped_ids.size == 0

@@ -27,7 +27,8 @@ import torch
 from ..config import TOP_B_STRATEGIES, ConfigError, ModelConfig, ScoringConfig
 from ..data import DEFAULT_TRANSFORM, ImageTransform, PoolInfo, read_ids
 from ..pipeline.pool_embedding import PoolEmbedding, embed_pool
-from ..pipeline.pool_scoring import HeldOutRows, PoolQuery, score_pool
+from ..pipeline.held_out import HeldOutRows
+from ..pipeline.pool_scoring import PoolQuery, score_pool
 from ..selection import albl, k_center_greedy, kmeans_pp_seeding
 
 log = logging.getLogger("ray_dal")
@@ -59,14 +60,12 @@ def select_query(
 ) -> PoolQuery:
     """The query of ``scoring_cfg.strategy``: ``budget`` pool ids, none in ``exclude_ids`` (which holds S).
 
-    ``held_out``: rows to test the model on in the same pass (top-b strategies only; ``PoolQuery.tested``)."""
+    ``held_out``: rows to test the model on in the query's first pass over the pool (``PoolQuery.tested``)."""
     strategy = scoring_cfg.strategy
     common = dict(model_cfg=model_cfg, state_dict=state_dict, scoring_cfg=scoring_cfg, budget=budget,
-                  exclude_ids=exclude_ids, seed=seed, transform=transform, on_bad=on_bad)
-    if held_out is not None and strategy not in TOP_B_STRATEGIES:
-        raise ValueError(f"held-out rows ride in the scoring pass of the top-b strategies only, not {strategy!r}")
+                  exclude_ids=exclude_ids, seed=seed, transform=transform, on_bad=on_bad, held_out=held_out)
     if strategy in TOP_B_STRATEGIES:
-        return _top_b(pool, grad_sum=grad_sum, held_out=held_out, **common)
+        return _top_b(pool, grad_sum=grad_sum, **common)
     if strategy == "coreset":
         return _coreset(pool, labeled, **common)
     if strategy == "badge":
@@ -95,44 +94,45 @@ def candidate_ids(pool: PoolInfo, exclude_ids: np.ndarray, budget: int, limit: i
     return np.sort(np.random.default_rng([seed, 1]).choice(unlabeled, limit, replace=False))
 
 
-def _embed(pool, ids, *, residuals, model_cfg, state_dict, scoring_cfg, transform, on_bad) -> PoolEmbedding:
+def _embed(pool, ids, *, residuals, model_cfg, state_dict, scoring_cfg, transform, on_bad,
+           held_out=None) -> PoolEmbedding:
     emb = embed_pool(pool, ids, model_cfg=model_cfg, state_dict=state_dict, scoring_cfg=scoring_cfg,
-                     residuals=residuals, transform=transform, on_bad=on_bad)
+                     residuals=residuals, transform=transform, on_bad=on_bad, held_out=held_out)
     width = emb.features.shape[1] + (emb.residuals.shape[1] if residuals else 0)
     log.info("embedded %d samples (%d floats each, %.0f MB on the driver) in %.1fs", emb.ids.size, width,
              emb.ids.size * width * 4 / 2**20, emb.seconds)
     return emb
 
 
-def _picked(cand: PoolEmbedding, picks: torch.Tensor, gaps: torch.Tensor, num_scored: int, seconds: float,
-            skipped: np.ndarray, info: dict) -> PoolQuery:
+def _picked(cand: PoolEmbedding, picks: torch.Tensor, gaps: torch.Tensor, emb: PoolEmbedding, info: dict) -> PoolQuery:
+    """The query of the rows ``picks`` of ``cand`` (a subset of the pass's embedding ``emb``)."""
     rows = picks.numpy()
-    return PoolQuery(cand.ids[rows], gaps.double().numpy(), num_scored, seconds, skipped, cand.pred[rows],
-                 cand.prob[rows].astype(np.float64), info)
+    return PoolQuery(cand.ids[rows], gaps.double().numpy(), emb.ids.size, emb.seconds, emb.skipped_ids,
+                     cand.pred[rows], cand.prob[rows].astype(np.float64), info, emb.tested)
 
 
 def _coreset(pool, labeled: Labeled, *, model_cfg, state_dict, scoring_cfg, budget, exclude_ids, seed, transform,
-             on_bad, labeled_embedding: PoolEmbedding | None = None) -> PoolQuery:
+             on_bad, held_out=None, labeled_embedding: PoolEmbedding | None = None) -> PoolQuery:
     cand_ids = candidate_ids(pool, exclude_ids, budget, scoring_cfg.candidates, seed)
     emb = _embed(pool, cand_ids if labeled_embedding is not None else np.union1d(cand_ids, labeled.ids),
                  residuals=False, model_cfg=model_cfg, state_dict=state_dict, scoring_cfg=scoring_cfg,
-                 transform=transform, on_bad=on_bad)
+                 transform=transform, on_bad=on_bad, held_out=held_out)
     centres = labeled_embedding if labeled_embedding is not None else _subset(emb, labeled.ids)
     cand = _subset(emb, cand_ids)
     _enough(cand, budget)
     picks, gaps = k_center_greedy(torch.from_numpy(cand.features), torch.from_numpy(centres.features), budget)
-    return _picked(cand, picks, gaps, emb.ids.size, emb.seconds, emb.skipped_ids,
-                   {"candidates": int(cand.ids.size), "centres": int(centres.ids.size)})
+    return _picked(cand, picks, gaps, emb, {"candidates": int(cand.ids.size), "centres": int(centres.ids.size)})
 
 
-def _badge(pool, *, model_cfg, state_dict, scoring_cfg, budget, exclude_ids, seed, transform, on_bad) -> PoolQuery:
+def _badge(pool, *, model_cfg, state_dict, scoring_cfg, budget, exclude_ids, seed, transform, on_bad,
+           held_out=None) -> PoolQuery:
     cand_ids = candidate_ids(pool, exclude_ids, budget, scoring_cfg.candidates, seed)
     emb = _embed(pool, cand_ids, residuals=True, model_cfg=model_cfg, state_dict=state_dict,
-                 scoring_cfg=scoring_cfg, transform=transform, on_bad=on_bad)
+                 scoring_cfg=scoring_cfg, transform=transform, on_bad=on_bad, held_out=held_out)
     _enough(emb, budget)
     picks, gaps = kmeans_pp_seeding(torch.from_numpy(emb.features), torch.from_numpy(emb.residuals), budget,
                                     np.random.default_rng([seed, 2]))
-    return _picked(emb, picks, gaps, emb.ids.size, emb.seconds, emb.skipped_ids, {"candidates": int(emb.ids.size)})
+    return _picked(emb, picks, gaps, emb, {"candidates": int(emb.ids.size)})
 
 
 def _subset(emb: PoolEmbedding, ids: np.ndarray) -> PoolEmbedding:
@@ -149,12 +149,13 @@ def _enough(cand: PoolEmbedding, budget: int) -> None:
 
 
 def _albl(pool, labeled: Labeled, *, model_cfg, state_dict, scoring_cfg, budget, exclude_ids, seed, transform,
-          on_bad) -> PoolQuery:
+          on_bad, held_out=None) -> PoolQuery:
     common = dict(model_cfg=model_cfg, state_dict=state_dict, scoring_cfg=scoring_cfg, transform=transform,
                   on_bad=on_bad)
-    weights, reward, embedded = np.ones(len(albl.ARMS)), None, None
+    weights, reward, embedded, tested = np.ones(len(albl.ARMS)), None, None, None
     if labeled.history:  # reward the arm drawn last round with the new model's weighted training accuracy
-        embedded = _embed(pool, labeled.ids, residuals=False, **common)
+        embedded = _embed(pool, labeled.ids, residuals=False, held_out=held_out, **common)
+        tested, held_out = embedded.tested, None  # tested in this first pass
         last = labeled.history[-1]["albl"]
         importance = _importance(labeled, embedded.ids)
         truth = labeled.labels[np.searchsorted(labeled.ids, embedded.ids)]
@@ -167,11 +168,14 @@ def _albl(pool, labeled: Labeled, *, model_cfg, state_dict, scoring_cfg, budget,
                      "reward": reward}}
     log.info("ALBL draws %s (p = %s, reward %s)", albl.ARMS[arm], np.round(probabilities, 3).tolist(), reward)
     if albl.ARMS[arm] == "confidence":
-        q = _top_b(pool, grad_sum=None, budget=budget, exclude_ids=exclude_ids, seed=seed,
+        q = _top_b(pool, grad_sum=None, budget=budget, exclude_ids=exclude_ids, seed=seed, held_out=held_out,
                    **{**common, "scoring_cfg": _with_strategy(scoring_cfg, "confidence")})
     else:
-        q = _coreset(pool, labeled, budget=budget, exclude_ids=exclude_ids, seed=seed, labeled_embedding=embedded, **common)
+        q = _coreset(pool, labeled, budget=budget, exclude_ids=exclude_ids, seed=seed, labeled_embedding=embedded,
+                     held_out=held_out, **common)
     q.info.update(info)
+    if embedded is not None:
+        q.tested = tested
     return q
 
 

@@ -18,12 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import TOP_B_STRATEGIES, ConfigError, ExperimentConfig
+from ..config import ConfigError, ExperimentConfig
 from ..data import DATASETS, ImageTransform, PoolInfo, preprocess_batch, read_labeled, read_pool, read_rows
 from ..models import available_models, build_model
 from ..pipeline.actors import check_weights, load_model
 from ..pipeline.training import count_correct, dataset_ids, fit_round, prepare_labeled, train_workers
-from ..pipeline.pool_scoring import HeldOutRows, PoolQuery, Tested
+from ..pipeline.held_out import HeldOutRows, Tested
+from ..pipeline.pool_scoring import PoolQuery
 from ..scoring import approximation_ratio
 from .query import Labeled, select_query
 from .run_dir import Round, RunDir
@@ -97,12 +98,11 @@ def run_round(cfg: ExperimentConfig, run: RunDir, rnd: RoundInputs, state: dict)
     query = None
     if rnd.budget is not None:
         history = _albl_history(run, r) if cfg.scoring.strategy == "albl" else ()
-        one_pass = rnd.evaluation is not None and cfg.scoring.strategy in TOP_B_STRATEGIES
         query = select_query(
             rnd.pool, Labeled(rnd.labeled_ids, rnd.labels, history), model_cfg=cfg.model,
             state_dict=fit.state_dict, grad_sum=fit.grad_sum, scoring_cfg=cfg.scoring, budget=rnd.budget,
             exclude_ids=np.union1d(rnd.labeled_ids, rnd.exclude_ids), seed=seed, transform=rnd.transform,
-            on_bad=on_bad, held_out=_held_out(rnd.evaluation) if one_pass else None,
+            on_bad=on_bad, held_out=None if rnd.evaluation is None else _held_out(rnd.evaluation),
         )
         skipped = np.union1d(skipped, query.skipped_ids)
     if query is not None and query.tested is not None:  # tested in the scoring pass: no time of its own

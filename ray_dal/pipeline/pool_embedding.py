@@ -24,11 +24,13 @@ from .actors import (
     load_model,
     model_config,
     map_on_scorers,
+    test_batch,
     use_cpu_share,
 )
 from ..config import ConfigError, ModelConfig, ScoringConfig
 from ..data import DEFAULT_TRANSFORM, ImageTransform, PoolInfo, inspect_pool, preprocess_batch, read_pool
 from ..errors import carried, carry, original_errors
+from .held_out import HELD_OUT, HeldOutRows, Tally, Tested, sorted_ids, split_batch, with_held_out
 from ..scoring import final_linear
 from ..selection import embedding_parts
 
@@ -40,7 +42,7 @@ class PoolEmbedding:
     ``ids`` [N] int64; ``pred`` [N] int64 (argmax class); ``prob`` [N] float32 (its softmax probability);
     ``features`` [N, d] float32 (the last linear layer's input, ``a``); ``residuals`` [N, K] float32
     (softmax - onehot(pred), ``e``) or None when not asked for; ``skipped_ids``: images that could not be
-    decoded under ``on_bad="skip"``.
+    decoded under ``on_bad="skip"``; ``tested``: held-out rows tested in the same pass, else None.
     """
 
     ids: np.ndarray
@@ -50,6 +52,7 @@ class PoolEmbedding:
     residuals: np.ndarray | None
     skipped_ids: np.ndarray
     seconds: float
+    tested: Tested | None = None
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Positions of ``ids`` (each must be present) in this embedding."""
@@ -60,7 +63,11 @@ class PoolEmbedding:
 
 
 class PoolEmbedder:
-    """Callable class for ``map_batches``: one model per actor; a batch of (id, image) in, embeddings out."""
+    """Callable class for ``map_batches``: one model per actor; a batch of (id, image) in, embeddings out.
+
+    Held-out rows (`ray_dal.pipeline.held_out`) are tested, not embedded: their counts ride on a last row
+    (``held_out`` True, ``skipped`` False, id -1) in ``correct`` / ``tested``, their undecodable images on rows
+    with ``held_out`` and ``skipped`` True."""
 
     def __init__(self, model_cfg: ModelConfig | Mapping[str, Any], state_ref: Any, residuals: bool,
                  transform: ImageTransform = DEFAULT_TRANSFORM, on_bad: str = "fail"):
@@ -73,14 +80,24 @@ class PoolEmbedder:
 
     @carry
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ids = np.asarray(batch["id"], np.int64)
-        pre = preprocess_batch(dict(batch), transform=self.transform, on_bad=self.on_bad)
+        pool, held_out = split_batch(batch)
+        pre = preprocess_batch(pool, transform=self.transform, on_bad=self.on_bad)
         kept = np.asarray(pre["id"], np.int64)
-        skipped = np.setdiff1d(ids, kept)
-        out = {"id": np.concatenate([kept, skipped]), "skipped": np.arange(ids.size) >= kept.size,
-               "pred": np.full(ids.size, -1, np.int64), "prob": np.zeros(ids.size, np.float32)}
+        skipped = np.setdiff1d(pool["id"], kept)
+        correct, tested, skipped_held_out = 0, 0, np.empty(0, np.int64)
+        if held_out is not None:
+            correct, tested, skipped_held_out = test_batch(self.model, held_out, self.transform, self.on_bad,
+                                                           self.device)
+        n = kept.size + skipped.size + skipped_held_out.size + 1  # the last row carries the held-out counts
+        rows = np.arange(n)
+        counts = np.zeros((2, n), np.int64)
+        counts[:, -1] = correct, tested
+        out = {"id": np.concatenate([kept, skipped, skipped_held_out, [-1]]),
+               "skipped": (rows >= kept.size) & (rows < n - 1), HELD_OUT: rows >= kept.size + skipped.size,
+               "pred": np.full(n, -1, np.int64), "prob": np.zeros(n, np.float32),
+               "correct": counts[0], "tested": counts[1]}
         for name in ("a", "e") if self.residuals else ("a",):
-            out[name] = np.zeros((ids.size, self.widths[name]), np.float32)  # skipped rows stay 0
+            out[name] = np.zeros((n, self.widths[name]), np.float32)  # other rows stay 0
         if kept.size:
             a, e = embedding_parts(self.model, torch.from_numpy(pre["x"]).to(self.device))
             low = e.min(dim=1)  # e = p - onehot(argmax): most negative there, at p - 1
@@ -102,8 +119,10 @@ def embed_pool(
     residuals: bool = False,
     transform: ImageTransform = DEFAULT_TRANSFORM,
     on_bad: str = "fail",
+    held_out: HeldOutRows | None = None,
 ) -> PoolEmbedding:
-    """Embed the pool samples ``ids`` (unique; each must be in the pool) on an actor pool."""
+    """Embed the pool samples ``ids`` (unique; each must be in the pool) on an actor pool; test the model on
+    ``held_out`` rows in the same pass (``PoolEmbedding.tested``)."""
     model_cfg = model_config(model_cfg)
     info = pool if isinstance(pool, PoolInfo) else inspect_pool(pool)
     ids = np.asarray(ids, np.int64)
@@ -111,21 +130,24 @@ def embed_pool(
         raise ValueError(f"ids must be a non-empty 1-D array of unique sample ids; got shape {ids.shape}")
     start = time.perf_counter()
     state_ref = ray.put({n: t.detach().cpu() for n, t in check_weights(model_cfg, state_dict, "state_dict").items()})
-    ds = map_on_scorers(read_pool(info, columns=("id", "image"), ids=ids, preserve_order=False), PoolEmbedder,
-                        scoring_cfg, model_cfg=model_cfg, state_ref=state_ref, residuals=residuals,
-                        transform=transform, on_bad=on_bad)
+    rows = with_held_out(read_pool(info, columns=("id", "image"), ids=ids, preserve_order=False), held_out)
+    ds = map_on_scorers(rows, PoolEmbedder, scoring_cfg, model_cfg=model_cfg, state_ref=state_ref,
+                        residuals=residuals, transform=transform, on_bad=on_bad)
     parts: dict[str, list[np.ndarray]] = {"id": [], "pred": [], "prob": [], "a": [], "e": [], "skipped": []}
+    tally = Tally()
     with original_errors("a ray_dal.pipeline.pool_embedding.PoolEmbedder actor"), \
-            console.progress(ids.size, "embed", "img") as bar:
+            console.progress(ids.size + (held_out.count if held_out else 0),
+                             "embed" if held_out is None else "test+embed", "img") as bar:
         for out in carried(ds).iter_batches(batch_size=None, batch_format="numpy"):
-            bar.update(out["id"].size)
-            bad = out["skipped"]
+            mine = ~out[HELD_OUT]
+            bad, good = out["skipped"] & mine, ~out["skipped"] & mine
             parts["skipped"].append(out["id"][bad])
             for name in ("id", "pred", "prob", "a", "e") if residuals else ("id", "pred", "prob", "a"):
-                parts[name].append(out[name][~bad])
+                parts[name].append(out[name][good])
+            bar.update(int(mine.sum()) + tally.add(out))
     got = np.concatenate(parts["id"])
     order = np.argsort(got)
-    skipped = np.sort(np.concatenate(parts["skipped"]))
+    skipped = sorted_ids(parts["skipped"])
     if got.size + skipped.size != ids.size:
         raise RuntimeError(f"embedded {got.size} and skipped {skipped.size} of {ids.size} samples")
     if got.size == 0:
@@ -134,5 +156,5 @@ def embed_pool(
         ids=got[order], pred=np.concatenate(parts["pred"])[order], prob=np.concatenate(parts["prob"])[order],
         features=np.concatenate(parts["a"])[order],
         residuals=np.concatenate(parts["e"])[order] if residuals else None,
-        skipped_ids=skipped, seconds=time.perf_counter() - start,
+        skipped_ids=skipped, seconds=time.perf_counter() - start, tested=None if held_out is None else tally.result(),
     )

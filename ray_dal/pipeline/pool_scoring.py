@@ -2,7 +2,7 @@
 
 Pool -> read tasks (one per row group) -> `PoolScorer` actors (decode, drop excluded ids, score,
 keep the batch's own top-b) -> driver (`TopB` merge). Held-out labeled rows (a round's test set) may ride
-in the same pass (`HeldOutRows`): the same actors count the model's correct predictions on them, so a
+in the same pass (`ray_dal.pipeline.held_out`): the same actors count the model's correct predictions on them, so a
 round starts one actor pool, not two. Only ids, scores and the model's prediction of the
 kept samples reach the driver: memory there is O(b) plus one block of per-batch top-b's, never O(pool). The math lives in `ray_dal.scoring`, the decoding in
 `ray_dal.data`, the selection in `ray_dal.topk`; this module only moves things between them.
@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
 import numpy as np
-import pyarrow as pa
 import ray
 import torch
 
@@ -41,7 +40,6 @@ from ray_dal.pipeline.actors import (
 )
 from ray_dal.config import TOP_B_STRATEGIES, ConfigError, ModelConfig, ScoringConfig
 from ray_dal.data import (
-    READ_CPUS,
     DEFAULT_TRANSFORM,
     ImageTransform,
     PoolInfo,
@@ -52,6 +50,7 @@ from ray_dal.data import (
 )
 from ray_dal.data.transforms import ON_BAD
 from ray_dal.errors import carried, carry, original_errors
+from ray_dal.pipeline.held_out import HELD_OUT, HeldOutRows, Tally, Tested, sorted_ids, split_batch, with_held_out
 from ray_dal.scoring import (
     dynamic_scores,
     entropy,
@@ -64,27 +63,6 @@ from ray_dal.scoring.params import check_grad_sum, scoped_parameters
 from ray_dal.topk import TopB, top_b_rows
 
 _UNCERTAINTY = {"entropy": entropy, "margin": margin, "confidence": least_confidence}
-HELD_OUT = "held_out"  # column of the scorers' input and output: True on held-out (test) rows
-
-
-@dataclass
-class HeldOutRows:
-    """Labeled samples to test the model on in the scoring pass: ``rows`` a Ray Dataset with columns ``id``,
-    ``image``, ``label`` (`ray_dal.data.read_pool`, `ray_dal.data.read_labeled`) of ``count`` rows. Their ids
-    live apart from the pool's (``exclude_ids`` does not apply to them); they are never candidates."""
-
-    rows: ray.data.Dataset
-    count: int
-
-
-@dataclass
-class Tested:
-    """The model on `HeldOutRows`: ``correct`` of ``tested`` decoded rows; ``skipped_ids`` of images that could
-    not be decoded under ``on_bad="skip"`` (sorted)."""
-
-    correct: int
-    tested: int
-    skipped_ids: np.ndarray
 
 
 @dataclass
@@ -202,14 +180,13 @@ class PoolScorer:
 
     @carry
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ids = np.asarray(batch["id"], dtype=np.int64)
-        held_out = np.asarray(batch[HELD_OUT], bool) if HELD_OUT in batch else np.zeros(ids.size, bool)
-        keep = ~held_out & ~np.isin(ids, self.exclude_ids)
+        pool, held_out = split_batch(batch)
+        keep = ~np.isin(pool["id"], self.exclude_ids)
         top_ids, top_scores, skipped = np.empty(0, np.int64), np.empty(0, np.float64), np.empty(0, np.int64)
         pred, prob = np.empty(0, np.int64), np.empty(0, np.float64)
         count = 0
         if keep.any():
-            kept = {"id": ids[keep], "image": np.asarray(batch["image"])[keep]}  # a copy: batches are read-only
+            kept = {name: col[keep] for name, col in pool.items()}
             pre = preprocess_batch(kept, transform=self.transform, on_bad=self.on_bad)
             scored_ids = np.asarray(pre["id"], dtype=np.int64)
             skipped = np.setdiff1d(kept["id"], scored_ids)
@@ -221,9 +198,9 @@ class PoolScorer:
                 top_ids, top_scores = scored_ids[rows], scores[rows]
                 pred, prob = self._predictions(x[rows], None if logits is None else logits[rows])
         correct, tested, skipped_held_out = 0, 0, np.empty(0, np.int64)
-        if held_out.any():
-            rows = {name: np.asarray(batch[name])[held_out] for name in ("id", "image", "label")}
-            correct, tested, skipped_held_out = test_batch(self.model, rows, self.transform, self.on_bad, self.device)
+        if held_out is not None:
+            correct, tested, skipped_held_out = test_batch(self.model, held_out, self.transform, self.on_bad,
+                                                           self.device)
         bad = np.concatenate([skipped, skipped_held_out])
         n = top_ids.size + bad.size + 1  # the last row carries the batch's counts
         counts = np.zeros((3, n), np.int64)
@@ -285,17 +262,14 @@ def score_pool(
         state_ref = ray.put({n: t.detach().cpu() for n, t in state_dict.items()})
         if strategy == "dynamic" and grad_sum is not None:
             grad_ref = ray.put({n: t.detach().cpu() for n, t in grad_sum.items()})
-    rows = read_pool(info, columns=("id", "image"), preserve_order=False)
-    if held_out is not None:
-        rows = _tagged(rows, False).union(_tagged(held_out.rows.select_columns(["id", "image", "label"]), True))
     ds = map_on_scorers(
-        rows, PoolScorer, scoring_cfg,
+        with_held_out(read_pool(info, columns=("id", "image"), preserve_order=False), held_out), PoolScorer,
+        scoring_cfg,
         model_cfg=model_cfg, state_ref=state_ref, grad_ref=grad_ref, strategy=strategy, gamma=scoring_cfg.gamma,
         scope=scoring_cfg.scope, seed=seed, budget=int(budget), exclude_ids=exclude, transform=transform,
         on_bad=on_bad,
     )
-    merged, skipped, skipped_held_out = TopB(int(budget)), [], []
-    totals = dict.fromkeys(("num_scored", "correct", "tested"), 0)
+    merged, skipped, num_scored, tally = TopB(int(budget)), [], 0, Tally()
     # The scorer's own error, not Ray's wrapping; the bar counts samples done (scored, tested or skipped).
     with original_errors("a ray_dal.pipeline.pool_scoring.PoolScorer actor"), \
             console.progress(unlabeled + (held_out.count if held_out else 0),
@@ -305,39 +279,21 @@ def score_pool(
             top = ~bad & ~test
             merged.add(out["id"][top], out["score"][top], pred=out["pred"][top], prob=out["prob"][top])
             skipped.append(out["id"][bad & ~test])
-            skipped_held_out.append(out["id"][bad & test])
-            batch_totals = {name: int(out[name].sum()) for name in totals}
-            totals = {name: totals[name] + batch_totals[name] for name in totals}
-            bar.update(batch_totals["num_scored"] + batch_totals["tested"] + int(bad.sum()))
+            num_scored += int(out["num_scored"].sum())
+            bar.update(int(out["num_scored"].sum()) + int((bad & ~test).sum()) + tally.add(out))
     seconds = time.perf_counter() - start
     ids, scores = merged.result()
     predicted = merged.columns()
-    num_scored = totals["num_scored"]
-    skipped_ids = _sorted_ids(skipped)
+    skipped_ids = sorted_ids(skipped)
     if ids.size < budget:
         raise ConfigError(
             f"budget b = {budget} exceeds the {num_scored} samples that could be scored "
             f"({skipped_ids.size} bad image(s) skipped, e.g. ids {skipped_ids[:10].tolist()}); lower b"
         )
-    tested = None if held_out is None else Tested(totals["correct"], totals["tested"], _sorted_ids(skipped_held_out))
+    tested = None if held_out is None else tally.result()
     return PoolQuery(ids=ids, scores=scores, num_scored=num_scored, seconds=seconds, skipped_ids=skipped_ids,
                      pred=predicted.get("pred", np.empty(0, np.int64)), prob=predicted.get("prob", np.empty(0)),
                      tested=tested)
-
-
-def _sorted_ids(parts: list[np.ndarray]) -> np.ndarray:
-    return np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.empty(0, np.int64)
-
-
-def _tagged(rows: ray.data.Dataset, held_out: bool) -> ray.data.Dataset:
-    """``rows`` with the `HELD_OUT` column (and ``label`` -1 where they have none): one schema for the union."""
-    return rows.map_batches(_tag, batch_format="pyarrow", num_cpus=READ_CPUS, fn_kwargs={"held_out": held_out})
-
-
-def _tag(batch: pa.Table, held_out: bool) -> pa.Table:
-    if "label" not in batch.column_names:
-        batch = batch.append_column("label", pa.array(np.full(batch.num_rows, -1, np.int64)))
-    return batch.append_column(HELD_OUT, pa.array(np.full(batch.num_rows, held_out)))
 
 
 @contextlib.contextmanager

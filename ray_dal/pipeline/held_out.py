@@ -1,0 +1,93 @@
+"""Held-out labeled rows (a round's test set) riding in a pool pass, so one actor pool serves both.
+
+The driver unions the pool's rows with the held-out ones (`with_held_out`: a ``held_out`` column tells them
+apart; their ids live apart from the pool's). An actor (`PoolScorer`, `PoolEmbedder`) splits each batch with
+`split_batch`, tests the model on the held-out part (`ray_dal.pipeline.actors.test_batch`) and returns its
+counts in the columns ``correct`` and ``tested`` of its output, plus the ids of held-out images that could not
+be decoded (rows with ``held_out`` and ``skipped`` True). `Tally` sums them on the driver.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from ..data import READ_CPUS
+
+HELD_OUT = "held_out"  # column of the actors' input and output: True on held-out rows
+
+
+@dataclass
+class HeldOutRows:
+    """Labeled samples to test the model on in a pool pass: ``rows`` a Ray Dataset with columns ``id``, ``image``,
+    ``label`` (`ray_dal.data.read_pool`, `ray_dal.data.read_labeled`) of ``count`` rows. Never candidates; a
+    pass's ``exclude_ids`` do not apply to them."""
+
+    rows: ray.data.Dataset
+    count: int
+
+
+@dataclass
+class Tested:
+    """The model on `HeldOutRows`: ``correct`` of ``tested`` decoded rows; ``skipped_ids`` of images that could
+    not be decoded under ``on_bad="skip"`` (sorted)."""
+
+    correct: int
+    tested: int
+    skipped_ids: np.ndarray
+
+
+def with_held_out(pool_rows: ray.data.Dataset, held_out: HeldOutRows | None) -> ray.data.Dataset:
+    """``pool_rows`` (``id``, ``image``), with ``held_out``'s rows after them when given (then every row has
+    ``label``, -1 on pool rows, and the `HELD_OUT` flag)."""
+    if held_out is None:
+        return pool_rows
+    return _tagged(pool_rows, False).union(_tagged(held_out.rows.select_columns(["id", "image", "label"]), True))
+
+
+def _tagged(rows: ray.data.Dataset, held_out: bool) -> ray.data.Dataset:
+    return rows.map_batches(_tag, batch_format="pyarrow", num_cpus=READ_CPUS, fn_kwargs={"held_out": held_out})
+
+
+def _tag(batch: pa.Table, held_out: bool) -> pa.Table:
+    if "label" not in batch.column_names:
+        batch = batch.append_column("label", pa.array(np.full(batch.num_rows, -1, np.int64)))
+    return batch.append_column(HELD_OUT, pa.array(np.full(batch.num_rows, held_out)))
+
+
+def split_batch(batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """(the pool rows' ``id`` and ``image``, the held-out rows' ``id``, ``image`` and ``label`` or None)."""
+    flag = np.asarray(batch[HELD_OUT], bool) if HELD_OUT in batch else np.zeros(len(batch["id"]), bool)
+    pool = {name: np.asarray(batch[name])[~flag] for name in ("id", "image")}  # copies: batches are read-only
+    if not flag.any():
+        return pool, None
+    return pool, {name: np.asarray(batch[name])[flag] for name in ("id", "image", "label")}
+
+
+@dataclass
+class Tally:
+    """The driver's sum of the actors' held-out counts (`Tested` once the pass is done)."""
+
+    correct: int = 0
+    tested: int = 0
+    skipped: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, out: dict[str, np.ndarray]) -> int:
+        """Count one output batch; returns its held-out rows done (tested or skipped), for a progress bar."""
+        bad = np.asarray(out["skipped"], bool) & np.asarray(out[HELD_OUT], bool)
+        self.skipped.append(np.asarray(out["id"])[bad])
+        tested = int(out["tested"].sum())
+        self.correct += int(out["correct"].sum())
+        self.tested += tested
+        return tested + int(bad.sum())
+
+    def result(self) -> Tested:
+        return Tested(self.correct, self.tested, sorted_ids(self.skipped))
+
+
+def sorted_ids(parts: list[np.ndarray]) -> np.ndarray:
+    """The concatenation of ``parts``, sorted, int64 (empty when there are none)."""
+    return np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.empty(0, np.int64)
