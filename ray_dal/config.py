@@ -69,6 +69,7 @@ class ScoringConfig:
     batch_size: int = 256
     cpus_per_scorer: float = 0.5
     gpus_per_scorer: float | None = None  # None: 1 per actor when the cluster has GPUs, else 0
+    decode: str = "auto"  # "actors" | "tasks" (CPU map tasks ahead of the scorers) | "auto": tasks with GPU scorers
     candidates: int | None = 100_000  # coreset/badge/albl: seeded subsample of the unlabeled pool (None: all)
 
 
@@ -172,6 +173,7 @@ def validate(cfg: ExperimentConfig) -> None:
     need(float(s.gamma) >= 0, "scoring.gamma", s.gamma, "must be >= 0 (inf for the influence variant)")
     need(s.num_scorers >= 1, "scoring.num_scorers", s.num_scorers, "must be >= 1")
     need(s.batch_size >= 1, "scoring.batch_size", s.batch_size, "must be >= 1")
+    need(s.decode in ("auto", "actors", "tasks"), "scoring.decode", s.decode, "choose 'auto', 'actors' or 'tasks'")
     need(s.candidates is None or s.candidates >= 1, "scoring.candidates", s.candidates, "must be >= 1 or null")
     need(t.max_epochs >= 1, "train.max_epochs", t.max_epochs, "must be >= 1")
     need(t.train_accuracy is None or 0 < t.train_accuracy <= 1, "train.train_accuracy", t.train_accuracy,

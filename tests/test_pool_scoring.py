@@ -13,6 +13,7 @@ import torch
 from ray_dal.config import ModelConfig, ScoringConfig
 from ray_dal.data import ImageDecodeError, preprocess_batch, read_pool
 from ray_dal.models import build_model
+from ray_dal.pipeline.decode import decode_layout
 from ray_dal.pipeline.held_out import HeldOutRows
 from ray_dal.pipeline.pool_scoring import PoolQuery, score_pool
 from ray_dal.pipeline.training import count_correct
@@ -64,8 +65,9 @@ def pool_slice(cifar10_dir, tmp_path_factory) -> Slice:
                  model, grad_sum)
 
 
-def run(s: Slice, strategy: str, num_scorers: int = 2, budget: int = BUDGET, state_dict=None, **kwargs) -> PoolQuery:
-    cfg = ScoringConfig(strategy=strategy, num_scorers=num_scorers, batch_size=128)
+def run(s: Slice, strategy: str, num_scorers: int = 2, budget: int = BUDGET, state_dict=None, decode: str = "auto",
+        **kwargs) -> PoolQuery:
+    cfg = ScoringConfig(strategy=strategy, num_scorers=num_scorers, batch_size=128, decode=decode)
     return score_pool(s.path, model_cfg=ModelConfig(name="cnn"), state_dict=state_dict or s.model.state_dict(),
                       grad_sum=s.grad_sum, scoring_cfg=cfg, budget=budget, exclude_ids=s.exclude, seed=3, **kwargs)
 
@@ -206,3 +208,31 @@ def test_held_out_rows_tested_in_the_scoring_pass_change_nothing_and_are_counted
     with torch.no_grad():  # the oracle: the model in this process on the decodable held-out images
         want = int((s.model(torch.from_numpy(decoded["x"])).argmax(1).numpy() == decoded["label"]).sum())
     assert one.tested.correct == want
+
+
+def test_decoding_in_tasks_ahead_of_the_scorers_gives_the_same_query_test_counts_and_skipped_ids(
+        ray_local, pool_slice, bad_pool):
+    s = pool_slice
+    path, test_ids, bad = bad_pool
+    held_out = HeldOutRows(read_pool(path), len(test_ids))
+    actors, tasks = (run(s, "dynamic", on_bad="skip", held_out=held_out, decode=d) for d in ("actors", "tasks"))
+    np.testing.assert_array_equal(actors.ids, tasks.ids)
+    np.testing.assert_allclose(actors.scores, tasks.scores, rtol=1e-6)
+    assert (actors.num_scored, actors.tested.correct, actors.tested.tested) == \
+        (tasks.num_scored, tasks.tested.correct, tasks.tested.tested)
+    np.testing.assert_array_equal(tasks.tested.skipped_ids, bad)
+    # a pool of bad images: skipped and reported the same way when decoded in tasks
+    cfg = ScoringConfig(strategy="random", num_scorers=1, batch_size=16, decode="tasks")
+    q = score_pool(path, model_cfg=ModelConfig(), state_dict=None, grad_sum=None, scoring_cfg=cfg, budget=57,
+                   exclude_ids=np.empty(0, np.int64), seed=0, on_bad="skip")
+    np.testing.assert_array_equal(q.skipped_ids, bad)
+    with pytest.raises(ImageDecodeError):
+        score_pool(path, model_cfg=ModelConfig(), state_dict=None, grad_sum=None, scoring_cfg=cfg, budget=5,
+                   exclude_ids=np.empty(0, np.int64), seed=0)
+
+
+def test_auto_decodes_in_tasks_exactly_when_the_scorers_hold_gpus(ray_local):
+    assert decode_layout(ScoringConfig()) == "actors"  # this cluster has no GPU
+    assert decode_layout(ScoringConfig(gpus_per_scorer=1)) == "tasks"
+    assert [decode_layout(ScoringConfig(decode=d, gpus_per_scorer=1)) for d in ("actors", "tasks")] == ["actors",
+                                                                                                      "tasks"]

@@ -7,12 +7,10 @@ import io
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 import ray
 import torch
 
 from ..config import ModelConfig, ScoringConfig
-from ..data import ImageTransform, preprocess_batch
 from ..errors import WeightsError
 from ..models import build_model
 from ..storage import Location, location
@@ -89,25 +87,6 @@ def check_weights(model_cfg: ModelConfig | Mapping[str, Any], state_dict: Any, s
         raise WeightsError(f"{source} holds NaN or infinite values in {bad[:10]}: the model diverged or the file "
                            "is corrupt. Fix: use an earlier checkpoint, or retrain with a lower train.lr")
     return dict(state_dict)
-
-
-def count_right(model: torch.nn.Module, x: np.ndarray, labels: np.ndarray, device: torch.device | str) -> int:
-    """How many rows of ``x`` (float32 [N, C, H, W]) ``model`` (in eval mode) predicts as ``labels`` [N]."""
-    if len(labels) == 0:
-        return 0
-    with torch.inference_mode():
-        logits = model(torch.from_numpy(np.asarray(x, dtype=np.float32)).to(device))
-    return int((logits.argmax(dim=1).cpu() == torch.from_numpy(np.asarray(labels, np.int64))).sum().item())
-
-
-def test_batch(model: torch.nn.Module, rows: Mapping[str, np.ndarray], transform: ImageTransform, on_bad: str,
-               device: torch.device | str) -> tuple[int, int, np.ndarray]:
-    """(correct, tested, ids of images skipped under ``on_bad="skip"``) of ``model`` on ``rows`` (``id``,
-    ``image``, ``label``), decoded with ``transform``."""
-    ids = np.asarray(rows["id"], np.int64)
-    decoded = preprocess_batch(dict(rows), transform=transform, on_bad=on_bad)
-    correct = count_right(model, decoded["x"], decoded["label"], device)
-    return correct, len(decoded["label"]), np.setdiff1d(ids, decoded["id"])
 
 
 def scorer_gpus(scoring_cfg: ScoringConfig) -> float:

@@ -2,7 +2,7 @@
 
 The driver unions the pool's rows with the held-out ones (`with_held_out`: a ``held_out`` column tells them
 apart; their ids live apart from the pool's). An actor (`PoolScorer`, `PoolEmbedder`) splits each batch with
-`split_batch`, tests the model on the held-out part (`ray_dal.pipeline.actors.test_batch`) and returns its
+`split_batch`, tests the model on the held-out part (`test_batch`) and returns its
 counts in the columns ``correct`` and ``tested`` of its output, plus the ids of held-out images that could not
 be decoded (rows with ``held_out`` and ``skipped`` True). `Tally` sums them on the driver.
 """
@@ -10,12 +10,15 @@ be decoded (rows with ``held_out`` and ``skipped`` True). `Tally` sums them on t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import numpy as np
 import pyarrow as pa
 import ray
+import torch
 
-from ..data import READ_CPUS
+from ..data import READ_CPUS, ImageTransform
+from .decode import decoded
 
 HELD_OUT = "held_out"  # column of the actors' input and output: True on held-out rows
 
@@ -59,12 +62,14 @@ def _tag(batch: pa.Table, held_out: bool) -> pa.Table:
 
 
 def split_batch(batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
-    """(the pool rows' ``id`` and ``image``, the held-out rows' ``id``, ``image`` and ``label`` or None)."""
+    """(the pool rows, the held-out rows with their ``label``, or None): ``id`` and the image columns (``image``,
+    or ``x`` and ``x_shape`` when decoded ahead: `ray_dal.pipeline.decode`)."""
     flag = np.asarray(batch[HELD_OUT], bool) if HELD_OUT in batch else np.zeros(len(batch["id"]), bool)
-    pool = {name: np.asarray(batch[name])[~flag] for name in ("id", "image")}  # copies: batches are read-only
+    columns = [name for name in batch if name not in (HELD_OUT, "label")]
+    pool = {name: np.asarray(batch[name])[~flag] for name in columns}  # copies: batches are read-only
     if not flag.any():
         return pool, None
-    return pool, {name: np.asarray(batch[name])[flag] for name in ("id", "image", "label")}
+    return pool, {name: np.asarray(batch[name])[flag] for name in (*columns, "label")}
 
 
 @dataclass
@@ -91,3 +96,22 @@ class Tally:
 def sorted_ids(parts: list[np.ndarray]) -> np.ndarray:
     """The concatenation of ``parts``, sorted, int64 (empty when there are none)."""
     return np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.empty(0, np.int64)
+
+
+def count_right(model: torch.nn.Module, x: np.ndarray, labels: np.ndarray, device: torch.device | str) -> int:
+    """How many rows of ``x`` (float32 [N, C, H, W]) ``model`` (in eval mode) predicts as ``labels`` [N]."""
+    if len(labels) == 0:
+        return 0
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(np.asarray(x, dtype=np.float32)).to(device))
+    return int((logits.argmax(dim=1).cpu() == torch.from_numpy(np.asarray(labels, np.int64))).sum().item())
+
+
+def test_batch(model: torch.nn.Module, rows: Mapping[str, np.ndarray], transform: ImageTransform, on_bad: str,
+               device: torch.device | str) -> tuple[int, int, np.ndarray]:
+    """(correct, tested, ids of images skipped under ``on_bad="skip"``) of ``model`` on ``rows`` (``id``,
+    ``label`` and ``image``, decoded with ``transform``, or decoded ahead: `ray_dal.pipeline.decode.decoded`)."""
+    ids = np.asarray(rows["id"], np.int64)
+    usable = decoded(rows, transform, on_bad)
+    correct = count_right(model, usable["x"], usable["label"], device)
+    return correct, len(usable["label"]), np.setdiff1d(ids, usable["id"])

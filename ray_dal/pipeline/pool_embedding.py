@@ -24,13 +24,13 @@ from .actors import (
     load_model,
     model_config,
     map_on_scorers,
-    test_batch,
     use_cpu_share,
 )
 from ..config import ConfigError, ModelConfig, ScoringConfig
-from ..data import DEFAULT_TRANSFORM, ImageTransform, PoolInfo, inspect_pool, preprocess_batch, read_pool
+from ..data import DEFAULT_TRANSFORM, ImageTransform, PoolInfo, inspect_pool, read_pool
 from ..errors import carried, carry, original_errors
-from .held_out import HELD_OUT, HeldOutRows, Tally, Tested, sorted_ids, split_batch, with_held_out
+from .decode import decode_ahead, decoded
+from .held_out import HELD_OUT, HeldOutRows, Tally, Tested, sorted_ids, split_batch, test_batch, with_held_out
 from ..scoring import final_linear
 from ..selection import embedding_parts
 
@@ -81,7 +81,7 @@ class PoolEmbedder:
     @carry
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pool, held_out = split_batch(batch)
-        pre = preprocess_batch(pool, transform=self.transform, on_bad=self.on_bad)
+        pre = decoded(pool, self.transform, self.on_bad)
         kept = np.asarray(pre["id"], np.int64)
         skipped = np.setdiff1d(pool["id"], kept)
         correct, tested, skipped_held_out = 0, 0, np.empty(0, np.int64)
@@ -131,8 +131,9 @@ def embed_pool(
     start = time.perf_counter()
     state_ref = ray.put({n: t.detach().cpu() for n, t in check_weights(model_cfg, state_dict, "state_dict").items()})
     rows = with_held_out(read_pool(info, columns=("id", "image"), ids=ids, preserve_order=False), held_out)
-    ds = map_on_scorers(rows, PoolEmbedder, scoring_cfg, model_cfg=model_cfg, state_ref=state_ref,
-                        residuals=residuals, transform=transform, on_bad=on_bad)
+    ds = map_on_scorers(decode_ahead(rows, scoring_cfg, transform, on_bad), PoolEmbedder, scoring_cfg,
+                        model_cfg=model_cfg, state_ref=state_ref, residuals=residuals, transform=transform,
+                        on_bad=on_bad)
     parts: dict[str, list[np.ndarray]] = {"id": [], "pred": [], "prob": [], "a": [], "e": [], "skipped": []}
     tally = Tally()
     with original_errors("a ray_dal.pipeline.pool_embedding.PoolEmbedder actor"), \

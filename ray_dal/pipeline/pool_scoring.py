@@ -35,7 +35,6 @@ from ray_dal.pipeline.actors import (
     model_config,
     resolve,
     map_on_scorers,
-    test_batch,
     use_cpu_share,
 )
 from ray_dal.config import TOP_B_STRATEGIES, ConfigError, ModelConfig, ScoringConfig
@@ -44,13 +43,14 @@ from ray_dal.data import (
     ImageTransform,
     PoolInfo,
     inspect_pool,
-    preprocess_batch,
     read_ids,
     read_pool,
 )
 from ray_dal.data.transforms import ON_BAD
 from ray_dal.errors import carried, carry, original_errors
-from ray_dal.pipeline.held_out import HELD_OUT, HeldOutRows, Tally, Tested, sorted_ids, split_batch, with_held_out
+from ray_dal.pipeline.decode import decode_ahead, decoded
+from ray_dal.pipeline.held_out import (HELD_OUT, HeldOutRows, Tally, Tested, sorted_ids, split_batch, test_batch,
+                                      with_held_out)
 from ray_dal.scoring import (
     dynamic_scores,
     entropy,
@@ -187,7 +187,7 @@ class PoolScorer:
         count = 0
         if keep.any():
             kept = {name: col[keep] for name, col in pool.items()}
-            pre = preprocess_batch(kept, transform=self.transform, on_bad=self.on_bad)
+            pre = decoded(kept, self.transform, self.on_bad)
             scored_ids = np.asarray(pre["id"], dtype=np.int64)
             skipped = np.setdiff1d(kept["id"], scored_ids)
             count = scored_ids.size
@@ -262,9 +262,9 @@ def score_pool(
         state_ref = ray.put({n: t.detach().cpu() for n, t in state_dict.items()})
         if strategy == "dynamic" and grad_sum is not None:
             grad_ref = ray.put({n: t.detach().cpu() for n, t in grad_sum.items()})
+    rows = with_held_out(read_pool(info, columns=("id", "image"), preserve_order=False), held_out)
     ds = map_on_scorers(
-        with_held_out(read_pool(info, columns=("id", "image"), preserve_order=False), held_out), PoolScorer,
-        scoring_cfg,
+        decode_ahead(rows, scoring_cfg, transform, on_bad, exclude), PoolScorer, scoring_cfg,
         model_cfg=model_cfg, state_ref=state_ref, grad_ref=grad_ref, strategy=strategy, gamma=scoring_cfg.gamma,
         scope=scoring_cfg.scope, seed=seed, budget=int(budget), exclude_ids=exclude, transform=transform,
         on_bad=on_bad,

@@ -71,7 +71,8 @@ from ray.util.queue import Queue as RayQueue
 from torch import nn
 
 from .. import console
-from .actors import actor_device, check_weights, count_right, load_model, test_batch, use_cpu_share
+from .actors import actor_device, check_weights, load_model, use_cpu_share
+from .held_out import count_right, test_batch
 from ..config import ExperimentConfig, ModelConfig, TrainConfig, validate
 from ..data import (DEFAULT_TRANSFORM, ImageTransform, PoolInfo, preprocess_batch, read_labeled, read_pool,
                     read_rows)
