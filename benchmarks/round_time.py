@@ -207,8 +207,8 @@ def write_markdown(result: dict, path: Path) -> None:
              "Versions: " + "; ".join(f"**{k}** = {v['commit'] or v['path']} (train.num_workers {v['num_workers']})"
                                       for k, v in result["trees"].items()), "",
              f"Settings: {json.dumps(result['settings'])}. Seconds are medians over the repeats; eval '-' = tested in "
-             "the scoring pass (its time is in score). in-process = the same test + scoring work in one process "
-             "without Ray.", "",
+             "the scoring pass (its time is in score); '-' under prepare / Train start: not recorded by that version "
+             "(then in 'other'). in-process = the same test + scoring work in one process without Ray.", "",
              "| version | pool | round | round s | train | G | eval | score | prepare | Train start | other | "
              "overhead ratio | in-process test + score s | non-train ratio | workers |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -244,9 +244,9 @@ def plot(result: dict, path: Path) -> None:
             ax.barh(y, width, left=left, color=colors[part], label=part if y == 0 else None)
             left += width
     ax.set_yticks(range(len(keys)), [f"{t}, {p // 1000}k pool" for t, p in keys])
-    ax.set_xlabel("round 0 wall seconds (median)")
-    ax.legend(fontsize=7, ncol=4, loc="lower right")
-    fig.tight_layout()
+    ax.set_xlabel("round 0 wall seconds (median); 'other' holds what a version does not record")
+    fig.legend(fontsize=7, ncol=4, loc="lower center")
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
