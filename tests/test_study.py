@@ -115,10 +115,21 @@ def test_only_variants_with_the_baseline_schedule_and_two_common_seeds_are_paire
     markdown = report(mixed_summary, tmp_path)
     rows = [line for line in markdown.split("Paired by seed")[1].splitlines() if line.startswith("| ")]
     # final: 0.4 - 0.3, 0.5 - 0.7; AULC: 0.3 - 0.225, 0.375 - 0.325 (SE of two differences: half their gap)
-    assert rows[1:] == ["| b | 0, 1 | -5.00 ± 15.00 | +6.25 ± 1.25 | no | no | yes | yes | 1 of 2 | 2 of 2 |"]
-    assert "Left out of the paired table (baseline: a): c (another label schedule" in markdown
+    assert rows[1:] == ["| b | a | 0, 1 | -5.00 ± 15.00 | +6.25 ± 1.25 | no | no | yes | yes | 1 of 2 | 2 of 2 |"]
+    assert "Left out of the paired table (baselines: a): c (another label schedule" in markdown
     assert "; d, e (fewer than 2 finished seeds" in markdown
     assert mixed_summary["f"]["unpaired"].startswith("other settings than the baseline's besides scoring")
+
+
+def test_each_variant_is_paired_with_the_baseline_that_shares_its_pool(mixed_summary):
+    full = {"data.pool_size": None}
+    summary = {"a": mixed_summary["a"], "b": mixed_summary["b"],
+               "a_full": {**entry([0, 1], [100, 150, 200], [[0.3, 0.3, 0.3], [0.3, 0.3, 0.4]]), "overrides": full},
+               "f": {**entry([0, 1], [100, 150, 200], [[0.2, 0.2, 0.2], [0.2, 0.2, 0.2]]), "overrides": full}}
+    add_paired(summary, ["a", "a_full"])
+    assert (summary["b"]["paired"]["baseline"], summary["f"]["paired"]["baseline"]) == ("a", "a_full")
+    assert summary["f"]["paired"]["final"]["differences"] == pytest.approx([0.1, 0.2])
+    assert "paired" not in summary["a_full"] and "unpaired" not in summary["a_full"]
 
 
 def test_learning_curves_get_one_table_per_label_schedule(mixed_summary, tmp_path):

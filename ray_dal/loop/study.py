@@ -12,15 +12,17 @@ run, the variants and the seeds::
     out: runs/study_cifar10              # run i of variant v lands in OUT/v/seed_i
     panels: {strategies: [dynamic, ...]} # optional: which variants share a plot panel
     reference: {dynamic: 0.3684}         # optional: a published final accuracy to print beside ours
-    baseline: dynamic                    # optional: compare every variant with this one seed by seed
+    baseline: [dynamic, dynamic_full]    # optional: compare every variant seed by seed with the baseline that
+                                         # shares its settings besides scoring.* (one name or a list)
 
 `run_study` runs every (seed, variant) in turn, seeds outermost (a study cut short has whole seeds),
 each through `ray_dal.loop.simulation.run_experiment`, so re-running resumes it: finished runs are not redone.
 `summarize` reads the runs' metrics into learning curves (test accuracy vs labels, mean and std over
 the seeds), final accuracies and the area under the learning curve (AULC: the trapezoid area of
 accuracy over the label range divided by its width, i.e. the mean accuracy across the budget). With a
-``baseline``, every variant with the baseline's label schedule and at least 2 finished seeds in common with it is
-compared seed by seed (`paired`: baseline minus variant of final accuracy and AULC, mean and standard error).
+``baseline``, every variant with a baseline's settings besides ``scoring.*`` (its pool and label schedule) and at
+least 2 finished seeds in common with it is compared seed by seed (`paired`: baseline minus variant of final
+accuracy and AULC, mean and standard error).
 """
 
 from __future__ import annotations
@@ -50,7 +52,11 @@ class StudyConfig:
     out: str = "runs/study"
     panels: dict[str, list[str]] = field(default_factory=dict)
     reference: dict[str, float] = field(default_factory=dict)
-    baseline: str | None = None
+    baseline: str | list[str] | None = None
+
+    @property
+    def baselines(self) -> list[str]:
+        return [] if self.baseline is None else [self.baseline] if isinstance(self.baseline, str) else self.baseline
 
 
 def load_study(path: str | Path, overrides: Mapping[str, Any] | None = None) -> tuple[StudyConfig, Path]:
@@ -73,8 +79,9 @@ def load_study(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
     unknown = sorted({v for names in study.panels.values() for v in names} - set(study.variants))
     if unknown:
         raise ConfigError(f"study file {path}: panels name variants {unknown} that are not in 'variants'")
-    if study.baseline is not None and study.baseline not in study.variants:
-        raise ConfigError(f"study file {path}: baseline {study.baseline!r} is not in 'variants'")
+    for name in study.baselines:
+        if name not in study.variants:
+            raise ConfigError(f"study file {path}: baseline {name!r} is not in 'variants'")
     base = (path.parent / study.config).resolve()
     for name in study.variants:  # every run's config is checked before the first one starts
         run_config(study, base, name, study.seeds[0])
@@ -144,8 +151,8 @@ def summarize(study: StudyConfig, base: Path) -> dict[str, Any]:
                 raise ValueError(f"variant {name!r}: seeds disagree on the label counts per round")
             entry.update(curve_summary(n_labeled, [c[1] for c in curves]))
         out[name] = entry
-    if study.baseline is not None:
-        add_paired(out, study.baseline)
+    if study.baselines:
+        add_paired(out, study.baselines)
     return out
 
 
@@ -162,18 +169,26 @@ def curve_summary(n_labeled: list[int], accuracy: list[list[float]]) -> dict[str
 MIN_PAIRED_SEEDS = 2  # a sample std needs two differences
 
 
-def add_paired(summary: dict[str, Any], baseline: str) -> None:
-    """Give every variant of ``summary`` but ``baseline`` either ``paired`` (its `paired` comparison with the
-    baseline, plus the baseline's name) or ``unpaired`` (why not: `unpaired_reason`)."""
-    base = summary[baseline]
+def add_paired(summary: dict[str, Any], baselines: str | list[str]) -> None:
+    """Give every variant of ``summary`` but the ``baselines`` either ``paired`` (its `paired` comparison with the
+    first baseline that has its settings besides ``scoring.*``, plus that baseline's name) or ``unpaired`` (why
+    not: `unpaired_reason` against that baseline, or the first one when none has its settings)."""
+    baselines = [baselines] if isinstance(baselines, str) else baselines
     for name, entry in summary.items():
-        if name == baseline:
+        if name in baselines:
             continue
-        reason = unpaired_reason(base, entry)
+        same = [b for b in baselines if _settings(summary[b]) == _settings(entry)]
+        baseline = (same or baselines)[0]
+        reason = unpaired_reason(summary[baseline], entry)
         if reason:
             entry["unpaired"] = reason
         else:
-            entry["paired"] = {"baseline": baseline, **paired(base, entry)}
+            entry["paired"] = {"baseline": baseline, **paired(summary[baseline], entry)}
+
+
+def _settings(entry: dict[str, Any]) -> dict[str, Any]:
+    """A variant's overrides besides ``scoring.*``: what must match for a seed-by-seed comparison."""
+    return {k: v for k, v in entry["overrides"].items() if not k.startswith("scoring.")}
 
 
 def _shared_seeds(base: dict[str, Any], other: dict[str, Any]) -> list[int]:
@@ -184,8 +199,7 @@ def unpaired_reason(base: dict[str, Any], other: dict[str, Any]) -> str | None:
     """Why variant ``other`` cannot be compared seed by seed with the baseline ``base`` (summary entries), or None:
     it needs the same settings but for ``scoring.*`` (the same pool and schedule), and MIN_PAIRED_SEEDS finished
     seeds in common with it."""
-    setting = lambda entry: {k: v for k, v in entry["overrides"].items() if not k.startswith("scoring.")}  # noqa: E731
-    if setting(other) != setting(base):
+    if _settings(other) != _settings(base):
         return "other settings than the baseline's besides scoring (its pool or label schedule)"
     if len(_shared_seeds(base, other)) < MIN_PAIRED_SEEDS:
         return f"fewer than {MIN_PAIRED_SEEDS} finished seeds in common with the baseline"
@@ -234,8 +248,8 @@ def _markdown(study: StudyConfig, summary: dict[str, Any], command: str) -> str:
              f"Settings for every run: `{json.dumps(study.settings)}`; seeds {study.seeds}. Test accuracy in %, "
              "mean ± std over the seeds whose run finished (std is the population std).", ""]
     lines += _results_table(study, summary) + [""] + _curve_tables(summary)
-    if study.baseline is not None:
-        lines += [""] + _paired_table(study.baseline, summary)
+    if study.baselines:
+        lines += [""] + _paired_table(study.baselines, summary)
     return "\n".join(lines) + "\n"
 
 
@@ -286,25 +300,26 @@ def _curve_tables(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _paired_table(baseline: str, summary: dict[str, Any]) -> list[str]:
+def _paired_table(baselines: list[str], summary: dict[str, Any]) -> list[str]:
     """The `paired` comparisons in ``summary`` as a table (percentage points), and which variants were left out."""
     rows = [(name, e["paired"]) for name, e in summary.items() if "paired" in e]
-    lines = [f"Paired by seed: {baseline} minus each variant with its label schedule, over the seeds both finished, "
-             "in percentage points, mean ± SE, where SE is the standard error of the mean paired difference "
-             "(sample std / sqrt(n), n = paired seeds).", "",
-             f"| variant | seeds (paired) | final: {baseline} − variant (pp) | AULC: {baseline} − variant (pp) "
+    lines = [f"Paired by seed: each variant against the baseline ({', '.join(baselines)}) with its settings besides "
+             "scoring (pool, label schedule), baseline minus variant over the seeds both finished, in percentage "
+             "points, mean ± SE, where SE is the standard error of the mean paired difference (sample std / sqrt(n), "
+             "n = paired seeds).", "",
+             "| variant | baseline | seeds (paired) | final: baseline − variant (pp) | AULC: baseline − variant (pp) "
              "| \\|mean\\| > SE? (final) | \\|mean\\| > 2 SE? (final) | \\|mean\\| > SE? (AULC) "
-             f"| \\|mean\\| > 2 SE? (AULC) | {baseline} ahead (final) | {baseline} ahead (AULC) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| \\|mean\\| > 2 SE? (AULC) | baseline ahead (final) | baseline ahead (AULC) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, p in rows:
         f, a, n = p["final"], p["aulc"], len(p["seeds"])
-        lines.append(f"| {name} | {', '.join(map(str, p['seeds']))} | {_pm_signed(f)} | {_pm_signed(a)} | "
-                     f"{_beyond(f, 1)} | {_beyond(f, 2)} | {_beyond(a, 1)} | {_beyond(a, 2)} | "
+        lines.append(f"| {name} | {p['baseline']} | {', '.join(map(str, p['seeds']))} | {_pm_signed(f)} | "
+                     f"{_pm_signed(a)} | {_beyond(f, 1)} | {_beyond(f, 2)} | {_beyond(a, 1)} | {_beyond(a, 2)} | "
                      f"{f['ahead']} of {n} | {a['ahead']} of {n} |")
-    return lines + _left_out(baseline, summary)
+    return lines + _left_out(baselines, summary)
 
 
-def _left_out(baseline: str, summary: dict[str, Any]) -> list[str]:
+def _left_out(baselines: list[str], summary: dict[str, Any]) -> list[str]:
     """A line naming the variants left out of the paired table, grouped by the reason (none if none were)."""
     reasons: dict[str, list[str]] = {}
     for name, e in summary.items():
@@ -312,7 +327,7 @@ def _left_out(baseline: str, summary: dict[str, Any]) -> list[str]:
             reasons.setdefault(e["unpaired"], []).append(name)
     if not reasons:
         return []
-    return ["", f"Left out of the paired table (baseline: {baseline}): "
+    return ["", f"Left out of the paired table (baselines: {', '.join(baselines)}): "
             + "; ".join(f"{', '.join(names)} ({reason})" for reason, names in reasons.items()) + "."]
 
 
