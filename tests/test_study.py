@@ -176,7 +176,7 @@ def test_a_study_runs_every_variant_and_seed_and_summarises_them(ray_local, stud
     assert (tmp_path / "runs" / "study.png").stat().st_size > 1000
     table = (tmp_path / "runs" / "study.md").read_text()
     assert "| margin |" in table and "| 20.00 |" in table and f"python jobs/study.py {study_file}" in table
-    assert f"| margin | 0, 1 | {100 * pair['final']['mean']:+.2f} ± {100 * pair['final']['se']:.2f} | " in table
+    assert f"| margin | random | 0, 1 | {100 * pair['final']['mean']:+.2f} ± {100 * pair['final']['se']:.2f} | " in table
 
     runs = tmp_path / "runs"
     stamps = {p: p.stat().st_mtime_ns for p in runs.rglob("round_*/*")}
