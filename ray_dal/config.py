@@ -19,6 +19,7 @@ from .storage import Location, location
 TOP_B_STRATEGIES = ("dynamic", "random", "entropy", "margin", "confidence")  # a score per sample; the top b
 DIVERSITY_STRATEGIES = ("coreset", "badge", "albl")  # a batch chosen jointly from embedded candidates
 STRATEGIES = TOP_B_STRATEGIES + DIVERSITY_STRATEGIES
+DECODE_LAYOUTS = ("auto", "actors", "tasks")  # scoring.decode (ray_dal/pipeline/decode.py)
 
 
 class ConfigError(ValueError):
@@ -173,7 +174,7 @@ def validate(cfg: ExperimentConfig) -> None:
     need(float(s.gamma) >= 0, "scoring.gamma", s.gamma, "must be >= 0 (inf for the influence variant)")
     need(s.num_scorers >= 1, "scoring.num_scorers", s.num_scorers, "must be >= 1")
     need(s.batch_size >= 1, "scoring.batch_size", s.batch_size, "must be >= 1")
-    need(s.decode in ("auto", "actors", "tasks"), "scoring.decode", s.decode, "choose 'auto', 'actors' or 'tasks'")
+    need(s.decode in DECODE_LAYOUTS, "scoring.decode", s.decode, f"choose one of {list(DECODE_LAYOUTS)}")
     need(s.candidates is None or s.candidates >= 1, "scoring.candidates", s.candidates, "must be >= 1 or null")
     need(t.max_epochs >= 1, "train.max_epochs", t.max_epochs, "must be >= 1")
     need(t.train_accuracy is None or 0 < t.train_accuracy <= 1, "train.train_accuracy", t.train_accuracy,

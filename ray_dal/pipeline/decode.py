@@ -22,9 +22,6 @@ from ..data import ImageTransform, decode_images, normalize, preprocess_batch
 from ..errors import carry
 from .actors import resolve, scorer_gpus
 
-DECODE_LAYOUTS = ("auto", "actors", "tasks")
-
-
 def decode_layout(scoring_cfg: ScoringConfig) -> str:
     """``scoring.decode``, with "auto" resolved: "tasks" when the scorers hold GPUs, else "actors"."""
     if scoring_cfg.decode != "auto":
