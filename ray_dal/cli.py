@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .pipeline.actors import check_weights, load_weights_file
+from .pipeline.actors import check_weights, load_weights_file, scorer_actors
 from .config import (
     STRATEGIES,
     ConfigError,
@@ -66,7 +66,7 @@ def _select(args: argparse.Namespace) -> None:
     grad_sum = None
     if args.strategy == "dynamic" and args.gamma != 0:
         grad_sum = pool_grad_sum(pool, ids, labels, model_cfg=model_cfg, state_dict=state, scope=args.scope,
-                                 num_actors=args.num_scorers, transform=transform)
+                                 actors=scorer_actors(scoring), transform=transform)
     query = score_pool(pool, model_cfg=model_cfg, state_dict=state, grad_sum=grad_sum, scoring_cfg=scoring,
                        budget=args.budget, exclude_ids=ids, seed=args.seed, transform=transform,
                        on_bad=args.on_bad_image)

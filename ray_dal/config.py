@@ -20,6 +20,7 @@ TOP_B_STRATEGIES = ("dynamic", "random", "entropy", "margin", "confidence")  # a
 DIVERSITY_STRATEGIES = ("coreset", "badge", "albl")  # a batch chosen jointly from embedded candidates
 STRATEGIES = TOP_B_STRATEGIES + DIVERSITY_STRATEGIES
 DECODE_LAYOUTS = ("auto", "actors", "tasks")  # scoring.decode (ray_dal/pipeline/decode.py)
+SCORER_LIFETIMES = ("run", "pass")  # scoring.scorer_lifetime (ray_dal/pipeline/scorer_pool.py)
 
 
 class ConfigError(ValueError):
@@ -71,6 +72,7 @@ class ScoringConfig:
     cpus_per_scorer: float = 0.5
     gpus_per_scorer: float | None = None  # None: 1 per actor when the cluster has GPUs, else 0
     decode: str = "auto"  # "actors" | "tasks" (CPU map tasks ahead of the scorers) | "auto": tasks with GPU scorers
+    scorer_lifetime: str = "run"  # "run": the scorer actors start once and serve every pass; "pass": one pool a pass
     candidates: int | None = 100_000  # coreset/badge/albl: seeded subsample of the unlabeled pool (None: all)
 
 
@@ -175,6 +177,8 @@ def validate(cfg: ExperimentConfig) -> None:
     need(s.num_scorers >= 1, "scoring.num_scorers", s.num_scorers, "must be >= 1")
     need(s.batch_size >= 1, "scoring.batch_size", s.batch_size, "must be >= 1")
     need(s.decode in DECODE_LAYOUTS, "scoring.decode", s.decode, f"choose one of {list(DECODE_LAYOUTS)}")
+    need(s.scorer_lifetime in SCORER_LIFETIMES, "scoring.scorer_lifetime", s.scorer_lifetime,
+         f"choose one of {list(SCORER_LIFETIMES)}")
     need(s.candidates is None or s.candidates >= 1, "scoring.candidates", s.candidates, "must be >= 1 or null")
     need(t.max_epochs >= 1, "train.max_epochs", t.max_epochs, "must be >= 1")
     need(t.train_accuracy is None or 0 < t.train_accuracy <= 1, "train.train_accuracy", t.train_accuracy,

@@ -10,7 +10,17 @@ import time
 from pathlib import Path
 from typing import Callable
 
-SCORER = b"MapBatches(PoolScorer)"  # Ray names an actor-pool worker's process after the UDF it runs
+# Scorer processes by their title: a pass's Ray Data pool (named after the UDF it runs) or the run's warm actors.
+SCORERS = (b"MapBatches(PoolScorer)", b"ray::ScorerActor")
+
+
+def is_scorer(pid: int) -> bool:
+    return any(name in title(pid) for name in SCORERS)
+
+
+def is_busy(pid: int) -> bool:
+    """Whether scorer ``pid`` runs a batch now (its title names the method: ``.submit`` or ``.run``)."""
+    return any(method in title(pid) for method in (b").submit", b"ScorerActor.run"))
 
 
 def descendants(pid: int) -> list[int]:
@@ -78,7 +88,7 @@ class KillMidScoring:
                 tags.update(self.candidates())
                 next_scan = now + 0.2
             for pid, tag in tags.items():
-                busy = b").submit" in title(pid)
+                busy = is_busy(pid)
                 state = phase.setdefault(pid, 0)
                 busy_for[pid] = busy_for.get(pid, 0.0) + (step if busy and state else 0.0)
                 if busy and (state == 2 or busy_for[pid] >= self.busy_s):
@@ -92,7 +102,7 @@ class KillMidScoring:
 
 def local_scorers() -> dict[int, None]:
     """Scorer actor processes of this process's own Ray cluster."""
-    return {pid: None for pid in descendants(os.getpid()) if SCORER in title(pid)}
+    return {pid: None for pid in descendants(os.getpid()) if is_scorer(pid)}
 
 
 def kill_job_when(argv: list[str], condition: Callable[[int], bool], what: str, timeout_s: float = 600) -> None:

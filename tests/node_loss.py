@@ -23,7 +23,7 @@ from ray_dal.config import ModelConfig, ScoringConfig
 from ray_dal.pipeline.pool_scoring import score_pool
 from ray_dal.pipeline.runtime import set_no_progress_timeout
 
-from .faults import SCORER, KillMidScoring, descendants, title
+from .faults import KillMidScoring, descendants, is_scorer
 
 # Small batches (~225): scoring keeps the scorers busy 2-3 s more after the first has been busy the 0.5 s that
 # KillMidScoring waits for; with batches of 32 and a 1-CPU head it was 0.2-0.8 s here (2 loaded cores), in CI once none.
@@ -47,7 +47,7 @@ def main(pool: str, weights: str, out: str) -> None:
 
     def scorers_on_workers() -> dict:
         return {pid: node for node in workers if node in cluster.worker_nodes
-                for pid in descendants(node.all_processes["raylet"][0].process.pid) if SCORER in title(pid)}
+                for pid in descendants(node.all_processes["raylet"][0].process.pid) if is_scorer(pid)}
 
     def lose_node(pid: int, node) -> None:
         cluster.remove_node(node, allow_graceful=False)
@@ -55,7 +55,8 @@ def main(pool: str, weights: str, out: str) -> None:
     with KillMidScoring(scorers_on_workers, lose_node) as fault:
         query = score_pool(pool, model_cfg=ModelConfig(), state_dict=saved["state_dict"], grad_sum=saved["grad_sum"],
                            scoring_cfg=SCORING, budget=BUDGET, exclude_ids=saved["exclude_ids"].numpy(), seed=0)
-    restarts = [a["NumRestarts"] for a in ray_state.actors().values() if "PoolScorer" in a["ActorClassName"]]
+    restarts = [a["NumRestarts"] for a in ray_state.actors().values()
+                if a["ActorClassName"] == "ScorerActor" or "PoolScorer" in a["ActorClassName"]]
     np.savez(out, ids=query.ids, scores=query.scores, num_scored=query.num_scored,
              node_lost=fault.killed is not None, restarts=np.array(restarts, np.int64))
     ray.shutdown()

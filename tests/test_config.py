@@ -40,6 +40,8 @@ def test_overrides_beat_the_file_which_beats_the_defaults(tmp_path):
         ("- just\n- a list\n", "must hold a mapping"),
         ("train:\n  num_workers: two\n", r"train.num_workers = 'two' is invalid: give an int >= 0 .* or 'auto'"),
         ("train:\n  num_workers: -1\n", "train.num_workers = -1 is invalid"),
+        ("scoring:\n  scorer_lifetime: round\n", r"scoring.scorer_lifetime = 'round' is invalid: .* \['run', 'pass'\]"),
+        ("scoring:\n  decode: gpu\n", r"scoring.decode = 'gpu' is invalid: choose one of \['auto', 'actors', 'tasks'"),
     ],
 )
 def test_bad_configs_name_the_key_and_the_fix(tmp_path, text, message):

@@ -66,8 +66,9 @@ def pool_slice(cifar10_dir, tmp_path_factory) -> Slice:
 
 
 def run(s: Slice, strategy: str, num_scorers: int = 2, budget: int = BUDGET, state_dict=None, decode: str = "auto",
-        **kwargs) -> PoolQuery:
-    cfg = ScoringConfig(strategy=strategy, num_scorers=num_scorers, batch_size=128, decode=decode)
+        lifetime: str = "run", **kwargs) -> PoolQuery:
+    cfg = ScoringConfig(strategy=strategy, num_scorers=num_scorers, batch_size=128, decode=decode,
+                        scorer_lifetime=lifetime)
     return score_pool(s.path, model_cfg=ModelConfig(name="cnn"), state_dict=state_dict or s.model.state_dict(),
                       grad_sum=s.grad_sum, scoring_cfg=cfg, budget=budget, exclude_ids=s.exclude, seed=3, **kwargs)
 
@@ -210,17 +211,18 @@ def test_held_out_rows_tested_in_the_scoring_pass_change_nothing_and_are_counted
     assert one.tested.correct == want
 
 
-def test_decoding_in_tasks_ahead_of_the_scorers_gives_the_same_query_test_counts_and_skipped_ids(
-        ray_local, pool_slice, bad_pool):
+def test_decode_layout_and_scorer_lifetime_change_no_query_test_count_or_skipped_id(ray_local, pool_slice, bad_pool):
     s = pool_slice
     path, test_ids, bad = bad_pool
     held_out = HeldOutRows(read_pool(path), len(test_ids))
-    actors, tasks = (run(s, "dynamic", on_bad="skip", held_out=held_out, decode=d) for d in ("actors", "tasks"))
-    np.testing.assert_array_equal(actors.ids, tasks.ids)
-    np.testing.assert_allclose(actors.scores, tasks.scores, rtol=1e-6)
-    assert (actors.num_scored, actors.tested.correct, actors.tested.tested) == \
-        (tasks.num_scored, tasks.tested.correct, tasks.tested.tested)
-    np.testing.assert_array_equal(tasks.tested.skipped_ids, bad)
+    actors = run(s, "dynamic", on_bad="skip", held_out=held_out, decode="actors")  # warm scorers decode
+    for decode, lifetime in (("tasks", "run"), ("actors", "pass"), ("tasks", "pass")):
+        other = run(s, "dynamic", on_bad="skip", held_out=held_out, decode=decode, lifetime=lifetime)
+        np.testing.assert_array_equal(actors.ids, other.ids)
+        np.testing.assert_allclose(actors.scores, other.scores, rtol=1e-6)
+        assert (actors.num_scored, actors.tested.correct, actors.tested.tested) == \
+            (other.num_scored, other.tested.correct, other.tested.tested)
+        np.testing.assert_array_equal(other.tested.skipped_ids, bad)
     # a pool of bad images: skipped and reported the same way when decoded in tasks
     cfg = ScoringConfig(strategy="random", num_scorers=1, batch_size=16, decode="tasks")
     q = score_pool(path, model_cfg=ModelConfig(), state_dict=None, grad_sum=None, scoring_cfg=cfg, budget=57,

@@ -36,12 +36,12 @@ from . import node_loss
 from .conftest import JOB_ARGS, REPO, assert_same_run, run_job
 from .faults import (
     ROUND_WRITER,
-    SCORER,
     KillMidScoring,
     descendants,
+    is_busy,
+    is_scorer,
     kill_job_when,
     local_scorers,
-    title,
 )
 
 
@@ -72,8 +72,8 @@ def weights(pool) -> Weights:
     return Weights(model.state_dict(), grad_sum, ids[rows])
 
 
-def query(pool: Path, w: Weights, num_scorers: int) -> PoolQuery:
-    cfg = dataclasses.replace(node_loss.SCORING, num_scorers=num_scorers)
+def query(pool: Path, w: Weights, num_scorers: int, lifetime: str = "run") -> PoolQuery:
+    cfg = dataclasses.replace(node_loss.SCORING, num_scorers=num_scorers, scorer_lifetime=lifetime)
     return score_pool(str(pool), model_cfg=ModelConfig(), state_dict=w.state_dict, grad_sum=w.grad_sum,
                       scoring_cfg=cfg, budget=node_loss.BUDGET, exclude_ids=w.labeled, seed=0)
 
@@ -93,10 +93,11 @@ def reference(ray_local, pool, weights) -> PoolQuery:
 # ---- determinism -----------------------------------------------------------------------------------------
 
 
-def test_dynamic_query_is_the_same_with_one_or_two_scorers(ray_local, pool, weights, reference):
-    two = query(pool, weights, num_scorers=2)
+def test_dynamic_query_is_the_same_with_one_or_two_scorers_warm_or_per_pass(ray_local, pool, weights, reference):
     assert reference.num_scored == 2000 - len(weights.labeled)
-    assert_same_query(two.ids, two.scores, two.num_scored, reference)
+    for lifetime in ("run", "pass"):
+        two = query(pool, weights, num_scorers=2, lifetime=lifetime)
+        assert_same_query(two.ids, two.scores, two.num_scored, reference)
 
 
 # ---- actor and node faults -------------------------------------------------------------------------------
@@ -107,7 +108,9 @@ def actor_id_of(pid: int) -> str:
     return next(a["ActorID"] for a in ray_state.actors().values() if a["Pid"] == pid)
 
 
-def test_a_scorer_killed_mid_batch_is_replaced_and_the_query_is_unchanged(ray_local, pool, weights, reference):
+@pytest.mark.parametrize("lifetime", ["run", "pass"])
+def test_a_scorer_killed_mid_batch_is_replaced_and_the_query_is_unchanged(ray_local, pool, weights, reference,
+                                                                          lifetime):
     victim = {}
 
     def kill(pid: int, _) -> None:
@@ -115,7 +118,7 @@ def test_a_scorer_killed_mid_batch_is_replaced_and_the_query_is_unchanged(ray_lo
         os.kill(pid, signal.SIGKILL)
 
     with KillMidScoring(local_scorers, kill) as fault:
-        q = query(pool, weights, num_scorers=2)
+        q = query(pool, weights, num_scorers=2, lifetime=lifetime)
     assert fault.killed is not None, "no scorer was caught between two batches: nothing was killed"
     assert ray_state.actors(victim["actor"])["NumRestarts"] >= 1  # Ray restarted that very actor
     assert_same_query(q.ids, q.scores, q.num_scored, reference)
@@ -155,15 +158,11 @@ def test_a_kill_while_a_round_is_written_leaves_only_complete_rounds(tmp_path):
 
 
 def scoring_after_round_0(out: Path):
-    """A condition on the job's pid: round 0 is complete and new scorer actors run (round 1 is being scored)."""
-    round_0_scorers: set[int] = set()
+    """A condition on the job's pid: round 0 is complete and a scorer actor runs a batch (round 1 is being scored:
+    round 0's passes end before its folder is committed)."""
 
     def condition(job: int) -> bool:
-        done = (out / "round_000").exists()
-        scorers = {p for p in descendants(job) if SCORER in title(p)}
-        if not done:
-            round_0_scorers.update(scorers)  # round 0's, perhaps still exiting once round_000 exists
-        return done and bool(scorers - round_0_scorers)
+        return (out / "round_000").exists() and any(is_scorer(p) and is_busy(p) for p in descendants(job))
 
     return condition
 

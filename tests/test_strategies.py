@@ -86,14 +86,16 @@ def test_pipeline_embeddings_equal_in_process_ones(setting):
     assert np.array_equal(emb.pred, e.argmin(1).numpy())
 
 
-def test_embeddings_decoded_in_tasks_ahead_of_the_actors_are_the_same(setting):
+def test_embeddings_decoded_in_tasks_or_on_a_pool_per_pass_are_the_same(setting):
     some = setting.ids[::37]
-    actors, tasks = (embed_pool(setting.pool, some, model_cfg=ModelConfig(), state_dict=setting.state,
-                                scoring_cfg=dataclasses.replace(setting.scoring, decode=d), residuals=True)
-                     for d in ("actors", "tasks"))
-    assert np.array_equal(actors.ids, tasks.ids) and np.array_equal(actors.pred, tasks.pred)
-    np.testing.assert_allclose(tasks.features, actors.features, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(tasks.residuals, actors.residuals, rtol=1e-5, atol=1e-6)
+    actors, tasks, per_pass = (
+        embed_pool(setting.pool, some, model_cfg=ModelConfig(), state_dict=setting.state,
+                   scoring_cfg=dataclasses.replace(setting.scoring, decode=d, scorer_lifetime=life), residuals=True)
+        for d, life in (("actors", "run"), ("tasks", "run"), ("actors", "pass")))
+    for other in (tasks, per_pass):
+        assert np.array_equal(actors.ids, other.ids) and np.array_equal(actors.pred, other.pred)
+        np.testing.assert_allclose(other.features, actors.features, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(other.residuals, actors.residuals, rtol=1e-5, atol=1e-6)
 
 
 def test_coreset_is_k_center_on_the_candidates_with_the_labeled_set_as_centres(setting):

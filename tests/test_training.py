@@ -27,6 +27,7 @@ from ray_dal.config import ModelConfig, TrainConfig
 from ray_dal.data import preprocess_batch, read_pool
 from ray_dal.models import build_model
 from ray_dal.scoring import labeled_gradient
+from ray_dal.pipeline.scorer_pool import Actors
 from ray_dal.pipeline.training import (
     RoundFit,
     TrainingError,
@@ -253,9 +254,11 @@ def test_evaluate_is_exact(fit2, ray_local, cifar10_dir):
     with torch.no_grad():
         want = (trained_model(state).eval()(x).argmax(dim=1) == y).sum().item() / len(y)
     decoded = prepare_labeled(str(path), ids)
-    assert evaluate(MODEL, state, decoded, batch_size=128, num_actors=2) == want
+    warm = Actors(2, 0.5, 0, lifetime="run")  # the run's scorer actors, fed block slices
+    assert evaluate(MODEL, state, decoded, batch_size=128, actors=warm) == want
     raw = read_pool(str(path), ids=ids)  # id, image, label: decoded inside the actors
-    assert evaluate(MODEL, state, raw, batch_size=100) == want
+    assert evaluate(MODEL, state, raw, batch_size=100) == want  # one actor for this pass (Ray Data's pool)
+    assert evaluate(MODEL, state, raw, batch_size=100, actors=warm) == want
 
 
 def test_bad_input_is_refused(ray_local, train_path, tmp_path):

@@ -21,9 +21,10 @@ import torch
 from ..config import ConfigError, ExperimentConfig
 from ..data import DATASETS, ImageTransform, PoolInfo, preprocess_batch, read_labeled, read_pool, read_rows
 from ..models import available_models, build_model
-from ..pipeline.actors import check_weights, load_model
+from ..pipeline.actors import check_weights, load_model, scorer_actors
 from ..pipeline.training import count_correct, dataset_ids, fit_round, prepare_labeled, train_workers
 from ..pipeline.held_out import HeldOutRows, Tested
+from ..pipeline.scorer_pool import start_early
 from ..pipeline.pool_scoring import PoolQuery
 from ..scoring import approximation_ratio
 from .query import Labeled, select_query
@@ -84,8 +85,11 @@ def run_round(cfg: ExperimentConfig, run: RunDir, rnd: RoundInputs, state: dict)
     round_start = time.perf_counter()
     r, on_bad = rnd.index, cfg.data.on_bad_image
     seed = cfg.loop.seed * 10_000 + r
+    here = train_workers(cfg.train) == 0
+    if here:
+        start_early(scorer_actors(cfg.scoring))  # warm scorers start (once a run) while this process trains
     train_set = prepare_labeled(rnd.pool, rnd.labeled_ids, rnd.transform, on_bad=on_bad, labels=rnd.labels,
-                                here=train_workers(cfg.train) == 0)  # decoded where it is trained
+                                here=here)  # decoded where it is trained
     skipped = np.setdiff1d(rnd.labeled_ids, dataset_ids(train_set)) if on_bad == "skip" else np.empty(0, np.int64)
     fit_start = time.perf_counter()
     fit = fit_round(
@@ -151,9 +155,8 @@ def _evaluate(cfg: ExperimentConfig, rnd: RoundInputs, state_dict: dict) -> tupl
         return None, 0.0, np.empty(0, np.int64)
     start = time.perf_counter()
     correct, tested, skipped = count_correct(
-        cfg.model, state_dict, _held_out(ev).rows, num_actors=cfg.scoring.num_scorers,
-        cpus_per_actor=cfg.scoring.cpus_per_scorer, transform=rnd.transform, on_bad=cfg.data.on_bad_image,
-        name=ev.name)
+        cfg.model, state_dict, _held_out(ev).rows, actors=scorer_actors(cfg.scoring), transform=rnd.transform,
+        on_bad=cfg.data.on_bad_image, name=ev.name)
     return _accuracy(ev, Tested(correct, tested, skipped)), time.perf_counter() - start, skipped
 
 

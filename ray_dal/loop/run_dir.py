@@ -58,7 +58,8 @@ MANIFEST = "_COMMITTED.json"
 # may change them (so a run folder can be moved, and its data too). on_bad_image too: a round that
 # completed under "fail" met no bad image, so "skip" would have computed the same round.
 _NOT_IDENTITY = {"runtime": None, "data": {"data_dir", "on_bad_image"}, "loop": {"out"},
-                 "scoring": {"num_scorers", "cpus_per_scorer", "gpus_per_scorer", "batch_size", "decode"},
+                 "scoring": {"num_scorers", "cpus_per_scorer", "gpus_per_scorer", "batch_size", "decode",
+                             "scorer_lifetime"},
                  "train": {"cpus_per_worker", "use_gpu", "checkpoint_every_s"}}
 # A run whose labels come from people (`ray-dal round`) takes each round's labels file and budget as they come.
 _NOT_IDENTITY_WITH_PEOPLE = {"labels", "budget", "initial", "rounds"}

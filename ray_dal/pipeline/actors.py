@@ -15,6 +15,7 @@ from ..errors import WeightsError
 from ..models import build_model
 from ..storage import Location, location
 from .runtime import cluster_has_gpus
+from .scorer_pool import Actors
 
 
 def model_config(model_cfg: ModelConfig | Mapping[str, Any]) -> ModelConfig:
@@ -96,20 +97,11 @@ def scorer_gpus(scoring_cfg: ScoringConfig) -> float:
     return 1 if cluster_has_gpus() else 0
 
 
-def map_on_scorers(ds: ray.data.Dataset, actor_class: type, scoring_cfg: ScoringConfig,
-                   **constructor_kwargs: Any) -> ray.data.Dataset:
-    """``ds.map_batches(actor_class)`` (numpy batches of ``scoring.batch_size``) on the scorers' actor pool:
-    ``scoring.num_scorers`` actors, each reserving ``cpus_per_scorer`` CPUs and `scorer_gpus` GPUs and built
-    with ``constructor_kwargs``. Ray Data's defaults restart a dead actor and retry its batches."""
-    return ds.map_batches(
-        actor_class,
-        compute=ray.data.ActorPoolStrategy(size=scoring_cfg.num_scorers),
-        num_cpus=scoring_cfg.cpus_per_scorer,
-        num_gpus=scorer_gpus(scoring_cfg),
-        batch_size=scoring_cfg.batch_size,
-        batch_format="numpy",
-        fn_constructor_kwargs=constructor_kwargs,
-    )
+def scorer_actors(scoring_cfg: ScoringConfig) -> Actors:
+    """The pool passes' actors: ``scoring.num_scorers`` of them, each reserving ``cpus_per_scorer`` CPUs and
+    `scorer_gpus` GPUs, living ``scorer_lifetime`` (`ray_dal.pipeline.scorer_pool`)."""
+    return Actors(scoring_cfg.num_scorers, scoring_cfg.cpus_per_scorer, scorer_gpus(scoring_cfg),
+                  scoring_cfg.scorer_lifetime)
 
 
 def actor_device(use_gpu: bool = True) -> torch.device:

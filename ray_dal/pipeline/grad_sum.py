@@ -17,8 +17,9 @@ from .. import console
 from .actors import actor_device, load_model, use_cpu_share
 from ..config import ModelConfig
 from ..data import DEFAULT_TRANSFORM, ImageTransform, PoolInfo, preprocess_batch, read_pool
-from ..errors import carried, carry, original_errors
+from ..errors import carry
 from .runtime import cluster_has_gpus
+from .scorer_pool import Actors, on_actors
 from ..scoring import labeled_gradient, scoped_parameters
 
 
@@ -47,30 +48,24 @@ def pool_grad_sum(
     model_cfg: ModelConfig,
     state_dict: Mapping[str, torch.Tensor],
     scope: str = "all",
-    num_actors: int = 1,
-    cpus_per_actor: float = 0.5,
+    actors: Actors | None = None,
     batch_size: int = 512,
     transform: ImageTransform = DEFAULT_TRANSFORM,
 ) -> dict[str, torch.Tensor]:
-    """G = sum over the pool rows ``ids`` (with ``labels``) of grad CE, keyed like named_parameters (float32)."""
+    """G = sum over the pool rows ``ids`` (with ``labels``) of grad CE, keyed like named_parameters (float32), on
+    ``actors`` (default: one 0.5-CPU actor for this pass, with a GPU when the cluster has them)."""
     ids, labels = np.asarray(ids, np.int64), np.asarray(labels, np.int64)
     order = np.argsort(ids)
     ids, labels = ids[order], labels[order]
     shapes = {n: p.shape for n, p in scoped_parameters(load_model(model_cfg, state_dict), scope).items()}
-    ds = read_pool(pool, columns=("id", "image"), ids=ids, preserve_order=False).map_batches(
-        _PartialGradSum,
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
-        num_cpus=cpus_per_actor,
-        num_gpus=1 if cluster_has_gpus() else 0,
-        batch_size=batch_size,
-        batch_format="numpy",
-        fn_constructor_kwargs=dict(model_cfg=model_cfg, state_ref=ray.put(dict(state_dict)), ids=ids, labels=labels,
-                                   scope=scope, transform=transform),
-    )
+    rows = read_pool(pool, columns=("id", "image"), ids=ids, preserve_order=False)
+    actors = actors or Actors(1, 0.5, 1 if cluster_has_gpus() else 0, "pass")
+    outputs = on_actors(rows, _PartialGradSum, actors, batch_size,
+                        "a ray_dal.pipeline.grad_sum actor (G over the labeled samples)", model_cfg=model_cfg,
+                        state_ref=ray.put(dict(state_dict)), ids=ids, labels=labels, scope=scope, transform=transform)
     total, count = np.zeros(sum(int(np.prod(s)) for s in shapes.values())), 0
-    with original_errors("a ray_dal.pipeline.grad_sum actor (G over the labeled samples)"), \
-            console.progress(len(ids), "G", "img") as bar:
-        for out in carried(ds).iter_batches(batch_size=None, batch_format="numpy"):
+    with console.progress(len(ids), "G", "img") as bar:
+        for out in outputs:
             total += out["g"].sum(0)
             count += int(out["n"].sum())
             bar.update(int(out["n"].sum()))

@@ -23,13 +23,14 @@ from .actors import (
     check_weights,
     load_model,
     model_config,
-    map_on_scorers,
+    scorer_actors,
     use_cpu_share,
 )
 from ..config import ConfigError, ModelConfig, ScoringConfig
 from ..data import DEFAULT_TRANSFORM, ImageTransform, PoolInfo, inspect_pool, read_pool
-from ..errors import carried, carry, original_errors
+from ..errors import carry
 from .decode import decode_ahead, decoded
+from .scorer_pool import on_actors
 from .held_out import HELD_OUT, HeldOutRows, Tally, Tested, sorted_ids, split_batch, test_batch, with_held_out
 from ..scoring import final_linear
 from ..selection import embedding_parts
@@ -131,15 +132,15 @@ def embed_pool(
     start = time.perf_counter()
     state_ref = ray.put({n: t.detach().cpu() for n, t in check_weights(model_cfg, state_dict, "state_dict").items()})
     rows = with_held_out(read_pool(info, columns=("id", "image"), ids=ids, preserve_order=False), held_out)
-    ds = map_on_scorers(decode_ahead(rows, scoring_cfg, transform, on_bad), PoolEmbedder, scoring_cfg,
-                        model_cfg=model_cfg, state_ref=state_ref, residuals=residuals, transform=transform,
-                        on_bad=on_bad)
+    decoded_rows = decode_ahead(rows, scoring_cfg, transform, on_bad)
+    outputs = on_actors(decoded_rows, PoolEmbedder, scorer_actors(scoring_cfg), scoring_cfg.batch_size,
+                        "a ray_dal.pipeline.pool_embedding.PoolEmbedder actor", model_cfg=model_cfg,
+                        state_ref=state_ref, residuals=residuals, transform=transform, on_bad=on_bad)
     parts: dict[str, list[np.ndarray]] = {"id": [], "pred": [], "prob": [], "a": [], "e": [], "skipped": []}
     tally = Tally()
-    with original_errors("a ray_dal.pipeline.pool_embedding.PoolEmbedder actor"), \
-            console.progress(ids.size + (held_out.count if held_out else 0),
-                             "embed" if held_out is None else "test+embed", "img") as bar:
-        for out in carried(ds).iter_batches(batch_size=None, batch_format="numpy"):
+    with console.progress(ids.size + (held_out.count if held_out else 0),
+                          "embed" if held_out is None else "test+embed", "img") as bar:
+        for out in outputs:
             mine = ~out[HELD_OUT]
             bad, good = out["skipped"] & mine, ~out["skipped"] & mine
             parts["skipped"].append(out["id"][bad])

@@ -7,13 +7,10 @@ round starts one actor pool, not two. Only ids, scores and the model's predictio
 kept samples reach the driver: memory there is O(b) plus one block of per-batch top-b's, never O(pool). The math lives in `ray_dal.scoring`, the decoding in
 `ray_dal.data`, the selection in `ray_dal.topk`; this module only moves things between them.
 
-Faults. Ray Data 2.60 creates actor-pool actors with ``max_restarts=-1, max_task_retries=-1``
-(``ActorPoolMapOperator._apply_default_remote_args``): a scorer that dies (killed, OOM, its node lost)
-is restarted from the same object-store weights and its unfinished batches are retried. A batch's
-scores depend only on the model and the batch, so the query is the one a fault-free run returns
-(tests/test_reliability.py). They are not passed explicitly: ``map_batches(**ray_remote_args)`` is
-deprecated in 2.60 and goes away in 2.64. A fault that never clears (a batch that kills every
-actor) fails after ``runtime.no_progress_timeout_s``.
+Faults. The scorer actors, whichever their lifetime (`ray_dal.pipeline.scorer_pool`), are restarted when they
+die (killed, OOM, their node lost) and their unfinished batches retried. A batch's scores depend only on
+the model and the batch, so the query is the one a fault-free run returns (tests/test_reliability.py). A
+fault that never clears (a batch that kills every actor) fails after ``runtime.no_progress_timeout_s``.
 """
 
 from __future__ import annotations
@@ -34,7 +31,7 @@ from ray_dal.pipeline.actors import (
     load_model,
     model_config,
     resolve,
-    map_on_scorers,
+    scorer_actors,
     use_cpu_share,
 )
 from ray_dal.config import TOP_B_STRATEGIES, ConfigError, ModelConfig, ScoringConfig
@@ -47,8 +44,9 @@ from ray_dal.data import (
     read_pool,
 )
 from ray_dal.data.transforms import ON_BAD
-from ray_dal.errors import carried, carry, original_errors
+from ray_dal.errors import carry
 from ray_dal.pipeline.decode import decode_ahead, decoded
+from ray_dal.pipeline.scorer_pool import on_actors
 from ray_dal.pipeline.held_out import (HELD_OUT, HeldOutRows, Tally, Tested, sorted_ids, split_batch, test_batch,
                                       with_held_out)
 from ray_dal.scoring import (
@@ -263,18 +261,18 @@ def score_pool(
         if strategy == "dynamic" and grad_sum is not None:
             grad_ref = ray.put({n: t.detach().cpu() for n, t in grad_sum.items()})
     rows = with_held_out(read_pool(info, columns=("id", "image"), preserve_order=False), held_out)
-    ds = map_on_scorers(
-        decode_ahead(rows, scoring_cfg, transform, on_bad, exclude), PoolScorer, scoring_cfg,
+    outputs = on_actors(
+        decode_ahead(rows, scoring_cfg, transform, on_bad, exclude), PoolScorer, scorer_actors(scoring_cfg),
+        scoring_cfg.batch_size, "a ray_dal.pipeline.pool_scoring.PoolScorer actor",
         model_cfg=model_cfg, state_ref=state_ref, grad_ref=grad_ref, strategy=strategy, gamma=scoring_cfg.gamma,
         scope=scoring_cfg.scope, seed=seed, budget=int(budget), exclude_ids=exclude, transform=transform,
         on_bad=on_bad,
     )
     merged, skipped, num_scored, tally = TopB(int(budget)), [], 0, Tally()
-    # The scorer's own error, not Ray's wrapping; the bar counts samples done (scored, tested or skipped).
-    with original_errors("a ray_dal.pipeline.pool_scoring.PoolScorer actor"), \
-            console.progress(unlabeled + (held_out.count if held_out else 0),
-                             "score" if held_out is None else "test+score", "img") as bar:
-        for out in carried(ds).iter_batches(batch_size=None, batch_format="numpy"):
+    # The bar counts samples done (scored, tested or skipped).
+    with console.progress(unlabeled + (held_out.count if held_out else 0),
+                          "score" if held_out is None else "test+score", "img") as bar:
+        for out in outputs:
             bad, test = out["skipped"], out[HELD_OUT]
             top = ~bad & ~test
             merged.add(out["id"][top], out["score"][top], pred=out["pred"][top], prob=out["prob"][top])

@@ -79,6 +79,7 @@ from ..data import (DEFAULT_TRANSFORM, ImageTransform, PoolInfo, preprocess_batc
 from ..errors import carried, carry, original_errors
 from ..models import build_model
 from .runtime import cluster_has_gpus
+from .scorer_pool import Actors, on_actors, release_scorers
 from ..scoring import labeled_gradient, scoped_parameters
 from ..storage import Location, location
 
@@ -118,6 +119,7 @@ def prepare_labeled(
     ``label`` comes from ``labels`` (aligned with ``ids``) when given, else from the pool's label column.
     ``here``: read and decode in this process, not in a Ray Data pass (for a set this process trains on: no
     tasks to start, ~0.1 s for 1,000 CIFAR-10 images against 0.7-14 s for a pass on 2 cores); the same rows.
+    Otherwise the run's warm scorer actors are released first (`ray_dal.pipeline.scorer_pool`).
 
     Raises ``ValueError`` for empty, non-integer or duplicate ids, or ids the pool does not hold, and
     ``ImageDecodeError`` (with the ids) for images that cannot be used; under ``on_bad="skip"`` those
@@ -126,6 +128,7 @@ def prepare_labeled(
     ids = _check_ids(ids)
     if here:
         return _decoded_here(pool, ids, transform, on_bad, labels)
+    release_scorers()  # for Ray Train's workers, which need the cluster: its warm scorer actors go first
     rows = read_pool(pool, ids=ids) if labels is None else read_labeled(pool, ids, labels)
     labeled = rows.map_batches(
         carry(preprocess_batch), batch_format="numpy", fn_kwargs={"transform": transform, "on_bad": on_bad}
@@ -225,8 +228,9 @@ def fit_round(
     ``labeled`` is `prepare_labeled`'s output (columns ``id``, ``x``, ``label``). The round stops after
     ``train_cfg.max_epochs`` epochs or once the epoch's training accuracy reaches
     ``train_cfg.train_accuracy``. ``train_cfg.num_workers = 0`` runs the loop in this process (Ray
-    Train's local mode: no checkpoints, no retries); ``"auto"`` is resolved by `train_workers`. Raises
-    `TrainingError` when Ray Train fails.
+    Train's local mode: no checkpoints, no retries); ``"auto"`` is resolved by `train_workers`. Workers first
+    release the run's warm scorer actors (`ray_dal.pipeline.scorer_pool`). Raises `TrainingError` when Ray
+    Train fails.
     """
     _check_fit_inputs(model_cfg, train_cfg, init_state, scope, name, max_failures)
     train_cfg = replace(train_cfg, num_workers=train_workers(train_cfg))
@@ -239,6 +243,7 @@ def fit_round(
     local = train_cfg.num_workers == 0
     if not local:
         _claim_run_dir(storage / name, _fingerprint(model_cfg, train_cfg, ids, init_state, seed))
+        release_scorers()  # warm scorer actors hold CPUs (GPUs) the workers may need: the next pass starts new ones
 
     config = {
         "model_cfg": asdict(model_cfg),
@@ -644,8 +649,7 @@ def count_correct(
     test: ray.data.Dataset,
     *,
     batch_size: int = 512,
-    num_actors: int = 1,
-    cpus_per_actor: float = 0.5,
+    actors: Actors | None = None,
     transform: ImageTransform = DEFAULT_TRANSFORM,
     on_bad: str = "fail",
     name: str = "test",
@@ -654,12 +658,12 @@ def count_correct(
 
     ``test`` has columns ``x``, ``label`` (decoded) or ``image``, ``label`` and optionally ``id``
     (decoded in the actors; bad images raise ``ImageDecodeError`` or, under "skip", are left out and
-    listed). Runs on ``num_actors`` Ray Data actors, one GPU each when the cluster has GPUs. ``name``
-    labels the progress bar ("test", "eval").
+    listed). Runs on ``actors`` (`ray_dal.pipeline.scorer_pool`; default: one 0.5-CPU actor for this pass, with
+    a GPU when the cluster has them). ``name`` labels the progress bar ("test", "eval").
     """
-    if batch_size < 1 or num_actors < 1 or cpus_per_actor < 0:
-        raise ValueError(f"need batch_size >= 1, num_actors >= 1, cpus_per_actor >= 0; got "
-                         f"{batch_size}, {num_actors}, {cpus_per_actor}")
+    actors = actors or Actors(1, 0.5, 1 if cluster_has_gpus() else 0, "pass")
+    if batch_size < 1 or actors.count < 1 or actors.cpus < 0:
+        raise ValueError(f"need batch_size >= 1, at least 1 actor and CPUs per actor >= 0; got {batch_size}, {actors}")
     columns = set(test.columns() or ())
     if {"x", "label"} <= columns:
         decode, keep = False, ["x", "label"]
@@ -667,22 +671,14 @@ def count_correct(
         decode, keep = True, [c for c in ("id", "image", "label") if c in columns]
     else:
         raise ValueError(f"the test dataset needs columns x, label or image, label; it has {sorted(columns)}")
-    use_gpu = cluster_has_gpus()
-    counts = test.select_columns(keep).map_batches(
-        _Evaluator,
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
-        batch_size=batch_size,
-        batch_format="numpy",
-        num_cpus=cpus_per_actor,
-        num_gpus=1 if use_gpu else 0,
-        fn_constructor_kwargs={"model_cfg": asdict(model_cfg), "state": ray.put(_cpu(state_dict)),
-                               "decode": decode, "transform": transform, "use_gpu": use_gpu, "on_bad": on_bad},
-    )
+    outputs = on_actors(test.select_columns(keep), _Evaluator, actors, batch_size,
+                        "a ray_dal.pipeline.training evaluation actor", model_cfg=asdict(model_cfg),
+                        state=ray.put(_cpu(state_dict)), decode=decode, transform=transform, use_gpu=actors.gpus > 0,
+                        on_bad=on_bad)
     correct = total = 0
     skipped = []
-    with original_errors("a ray_dal.pipeline.training evaluation actor"), \
-            console.progress(test._meta_count(), name, "img") as bar:  # rows known without executing, else None
-        for batch in carried(counts).iter_batches(batch_format="numpy", batch_size=None):
+    with console.progress(test._meta_count(), name, "img") as bar:  # rows known without executing, else None
+        for batch in outputs:
             correct += int(batch["correct"].sum())
             total += int(batch["n"].sum())
             skipped.append(batch["id"][batch["skipped"]])
