@@ -1,7 +1,7 @@
 """Where does a round's wall time go, and how much of it is work the user asked for?
 
-One simulated round (CIFAR-10, the `cnn`, 2 scorers, dynamic AL, ``--rounds 1``: round 0 trains, tests and
-scores, round 1 trains and tests) through `ray_dal.loop.simulation.run_experiment` on an embedded Ray, for
+Simulated rounds (CIFAR-10, the `cnn`, 2 scorers, dynamic AL, ``--rounds 2``: rounds 0 and 1 train, test and
+score, round 2 trains and tests: round 0 pays what a process pays once, round 1 is a round in the middle of a run) through `ray_dal.loop.simulation.run_experiment` on an embedded Ray, for
 each code version given with ``--tree LABEL=PATH`` (a checkout of ray_dal: "before" and "after" a change, run
 alternately so a shared machine's load hits both alike). Each run is a fresh process (PYTHONPATH=PATH); after
 its rounds, the same process times the same work in-process, without Ray: decode + forward of the test set,
@@ -12,7 +12,8 @@ Ray Train start-up (where the version records them), the rest; and the ratios of
 (benchmarks/README.md):
 
     overhead  = round_seconds / (train + G + eval + score)            (target <= 1.25, 50k pool)
-    non-train = (eval + score) / in-process (decode + test + scoring)  (target <= 1.5, 10k pool)
+    non-train = (eval + score) / in-process (decode + test + scoring)  (target <= 1.5, 10k pool; every scoring
+                round against round 0's in-process work, whose pool is one budget larger than round 1's)
 
     python benchmarks/round_time.py --quick --out /tmp/x                                 # smoke run (~1 min)
     python benchmarks/round_time.py --tree after=. --pool-sizes 10000 --repeats 1        # this checkout only
@@ -50,7 +51,7 @@ def one_run(args: argparse.Namespace) -> dict:
 
     out = Path(tempfile.mkdtemp(prefix="round_time_"))
     overrides = {"data.data_dir": args.data_dir, "data.pool_size": args.pool_size, "data.test_size": args.test_size,
-                 "loop.out": str(out), "loop.rounds": 1, "loop.budget": args.budget, "model.name": "cnn",
+                 "loop.out": str(out), "loop.rounds": args.rounds, "loop.budget": args.budget, "model.name": "cnn",
                  "scoring.num_scorers": 2, "train.num_workers": args.workers_value}
     cfg = load_config(REPO / "configs" / "cifar10.yaml", overrides)
     start = time.perf_counter()
@@ -121,8 +122,9 @@ def summarize(run: dict) -> dict:
                      "train_workers": m.get("train_workers"), "test_accuracy": m["test_accuracy"],
                      "overhead_ratio": m["round_seconds"] / work})
     ip = run["in_process"]
-    first = rows[0]
-    first["non_train_ratio"] = ((first["eval"] or 0.0) + first["score"]) / (ip["test_seconds"] + ip["score_seconds"])
+    for row in rows:
+        if row["score"] is not None:
+            row["non_train_ratio"] = ((row["eval"] or 0.0) + row["score"]) / (ip["test_seconds"] + ip["score_seconds"])
     return {"rounds": rows, "job_seconds": run["job_seconds"], "in_process": ip}
 
 
@@ -134,10 +136,11 @@ def main(argv=None) -> None:
     parser.add_argument("--test-size", type=int, default=2000)
     parser.add_argument("--budget", type=int, default=250)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="queries per run (loop.rounds)")
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "cifar10"))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--quick", action="store_true", help="smoke run: a 1,000-image pool, 200 test images, "
-                        "1 repeat, this checkout only; writes round_time_quick.*")
+                        "1 query, 1 repeat, this checkout only; writes round_time_quick.*")
     parser.add_argument("--one-run", type=Path, help=argparse.SUPPRESS)  # child: write one run's JSON here
     parser.add_argument("--pool-size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--workers-value", help=argparse.SUPPRESS)
@@ -152,13 +155,13 @@ def main(argv=None) -> None:
     import record
 
     if args.quick:
-        args.pool_sizes, args.test_size, args.repeats, args.tree = [1000], 200, 1, []
+        args.pool_sizes, args.test_size, args.repeats, args.tree, args.rounds = [1000], 200, 1, [], 1
     trees = dict(t.split("=", 1) for t in args.tree) or {"this": str(REPO)}
     workers = dict(w.split("=", 1) for w in args.workers)
     result = {"machine": record.machine_info(), "command": " ".join(["python", "benchmarks/round_time.py",
                                                                       *(argv or sys.argv[1:])]),
               "settings": {"test_size": args.test_size, "budget": args.budget, "model": "cnn", "num_scorers": 2,
-                           "strategy": "dynamic", "rounds": 1, "quick": args.quick},
+                           "strategy": "dynamic", "rounds": args.rounds, "quick": args.quick},
               "trees": {label: {"path": str(Path(p).resolve()), "commit": _commit(p),
                                 "num_workers": workers.get(label, "auto")} for label, p in trees.items()},
               "runs": []}
@@ -184,7 +187,7 @@ def _child(tree: str, args: argparse.Namespace, pool_size: int, workers: str) ->
         env = {**os.environ, "PYTHONPATH": str(Path(tree).resolve())}
         cmd = [sys.executable, str(Path(__file__).resolve()), "--one-run", str(target), "--pool-size", str(pool_size),
                "--workers-value", workers, "--test-size", str(args.test_size), "--budget", str(args.budget),
-               "--data-dir", args.data_dir]
+               "--rounds", str(args.rounds), "--data-dir", args.data_dir]
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return json.loads(target.read_text())
 
@@ -218,8 +221,8 @@ def write_markdown(result: dict, path: Path) -> None:
             groups.setdefault((run["tree"], run["pool_size"], row["round"]), []).append((row, run["in_process"]))
     for (tree, pool, rnd), rows in groups.items():
         med = {k: _median([r[k] for r, _ in rows]) for k in ("round_seconds", *PARTS, "other", "overhead_ratio")}
-        ip = _median([i["test_seconds"] + i["score_seconds"] for _, i in rows]) if rnd == 0 else None
-        ntr = _median([r.get("non_train_ratio") for r, _ in rows]) if rnd == 0 else None
+        ntr = _median([r.get("non_train_ratio") for r, _ in rows])
+        ip = _median([i["test_seconds"] + i["score_seconds"] for _, i in rows]) if ntr is not None else None
         lines.append(f"| {tree} | {pool} | {rnd} | {_fmt(med['round_seconds'])} | {_fmt(med['train'])} | "
                      f"{_fmt(med['grad'], 2)} | {_fmt(med['eval'])} | {_fmt(med['score'])} | {_fmt(med['prepare'])} | "
                      f"{_fmt(med['train_startup'])} | {_fmt(med['other'])} | {_fmt(med['overhead_ratio'], 2)} | "

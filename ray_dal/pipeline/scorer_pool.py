@@ -22,6 +22,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import importlib
+import logging
+import threading
 import uuid
 from typing import Any, Iterator
 
@@ -33,6 +35,7 @@ from ray.data.exceptions import ExecutionTimeoutError
 from ..config import ConfigError
 from ..errors import carry, carried, original_errors
 
+log = logging.getLogger("ray_dal")
 IN_FLIGHT = 2  # batches queued on one actor: the next is there when the last ends
 
 
@@ -50,7 +53,7 @@ class ScorerActor:
     """A Ray actor that runs each pass's callable on the batches it is handed (module docstring)."""
 
     def __init__(self):
-        importlib.import_module("torch")  # most of a start-up: paid once, here, not in the first batch
+        importlib.import_module("ray_dal.pipeline.pool_scoring")  # torch and ray_dal: most of a start-up, paid here
 
         self.key: str | None = None
         self.fn: Any = None
@@ -143,9 +146,26 @@ def scorer_pool(shape: Actors) -> ScorerPool:
 
 
 def start_early(shape: Actors) -> None:
-    """Start the run's pool now (lifetime "run"; nothing for "pass"), so its start-up overlaps other work."""
+    """Start what the next passes need now, so that it overlaps other work (the driver's training): the run's
+    pool (lifetime "run") and, once per cluster, Ray Data itself, with a one-row pass in a background thread (a
+    process's first pass otherwise pays ~1.4 s more than the next: 2-core VM, CPU)."""
+    global _ray_data_started
     if shape.lifetime == "run":
         scorer_pool(shape)
+    node = ray.get_runtime_context().get_node_id()
+    if _ray_data_started != node:
+        _ray_data_started = node
+        threading.Thread(target=_one_row_pass, name="ray_dal-start-ray-data", daemon=True).start()
+
+
+_ray_data_started: str | None = None  # the node id of the driver whose cluster has run a Ray Data pass
+
+
+def _one_row_pass() -> None:
+    try:
+        ray.data.range(1).materialize()
+    except Exception:  # only a head start: the real passes report their own errors
+        log.debug("Ray Data's early start failed", exc_info=True)
 
 
 def release_scorers() -> None:
