@@ -15,6 +15,7 @@ from ray_dal.data import ImageDecodeError, preprocess_batch, read_pool
 from ray_dal.models import build_model
 from ray_dal.pipeline.decode import decode_layout
 from ray_dal.pipeline.held_out import HeldOutRows
+from ray_dal.pipeline import pool_scoring
 from ray_dal.pipeline.pool_scoring import PoolQuery, score_pool
 from ray_dal.pipeline.training import count_correct
 from ray_dal.scoring import dynamic_scores, entropy, labeled_gradient, random_scores
@@ -97,6 +98,20 @@ def test_dynamic_top_b_equals_in_process_scores(ray_local, pool_slice):
     assert_valid_query(q, s)
     want = dynamic_scores(s.model, s.x[s.unlabeled], s.grad_sum, gamma=2.0, scope="all").double().numpy()
     assert_matches(q, *top_b(s.ids[s.unlabeled], want, BUDGET))
+
+
+def test_reading_only_the_candidate_rows_changes_nothing(ray_local, pool_slice, bad_pool, monkeypatch):
+    s = pool_slice
+    path, test_ids, _ = bad_pool
+    held_out = HeldOutRows(read_pool(path), len(test_ids))
+    whole = run(s, "dynamic", on_bad="skip", held_out=held_out)  # 90% of the pool to score: every row read
+    monkeypatch.setattr(pool_scoring, "READ_ALL_ABOVE", 1.01)  # only the 540 candidates read, by id
+    only = run(s, "dynamic", on_bad="skip", held_out=held_out)
+    np.testing.assert_array_equal(only.ids, whole.ids)
+    np.testing.assert_allclose(only.scores, whole.scores, rtol=1e-6)
+    assert only.num_scored == whole.num_scored == POOL - EXCLUDED_IN_POOL
+    assert (only.tested.correct, only.tested.tested) == (whole.tested.correct, whole.tested.tested)
+    np.testing.assert_array_equal(only.tested.skipped_ids, whole.tested.skipped_ids)
 
 
 def test_entropy_top_b_equals_in_process_scores(ray_local, pool_slice):

@@ -1,7 +1,7 @@
 """Held-out labeled rows (a round's test set) riding in a pool pass, so one actor pool serves both.
 
-The driver unions the pool's rows with the held-out ones (`with_held_out`: a ``held_out`` column tells them
-apart; their ids live apart from the pool's). An actor (`PoolScorer`, `PoolEmbedder`) splits each batch with
+A pass streams the pool's rows, then the held-out ones (`with_held_out`: a ``held_out`` column tells them apart;
+their ids live apart from the pool's). An actor (`PoolScorer`, `PoolEmbedder`) splits each batch with
 `split_batch`, tests the model on the held-out part (`test_batch`) and returns its
 counts in the columns ``correct`` and ``tested`` of its output, plus the ids of held-out images that could not
 be decoded (rows with ``held_out`` and ``skipped`` True). `Tally` sums them on the driver.
@@ -43,12 +43,12 @@ class Tested:
     skipped_ids: np.ndarray
 
 
-def with_held_out(pool_rows: ray.data.Dataset, held_out: HeldOutRows | None) -> ray.data.Dataset:
-    """``pool_rows`` (``id``, ``image``), with ``held_out``'s rows after them when given (then every row has
-    ``label``, -1 on pool rows, and the `HELD_OUT` flag)."""
+def with_held_out(pool_rows: ray.data.Dataset, held_out: HeldOutRows | None) -> list[ray.data.Dataset]:
+    """The parts of one pass (`ray_dal.pipeline.scorer_pool.on_actors`): ``pool_rows`` (``id``, ``image``), then
+    ``held_out``'s rows when given (then every row of both has ``label``, -1 on pool rows, and the `HELD_OUT` flag)."""
     if held_out is None:
-        return pool_rows
-    return _tagged(pool_rows, False).union(_tagged(held_out.rows.select_columns(["id", "image", "label"]), True))
+        return [pool_rows]
+    return [_tagged(pool_rows, False), _tagged(held_out.rows.select_columns(["id", "image", "label"]), True)]
 
 
 def _tagged(rows: ray.data.Dataset, held_out: bool) -> ray.data.Dataset:

@@ -61,6 +61,7 @@ from ray_dal.scoring.params import check_grad_sum, scoped_parameters
 from ray_dal.topk import TopB, top_b_rows
 
 _UNCERTAINTY = {"entropy": entropy, "margin": margin, "confidence": least_confidence}
+READ_ALL_ABOVE = 0.9  # read every row of the pool when at least this share of it is to be scored
 
 
 @dataclass
@@ -245,7 +246,9 @@ def score_pool(
     model_cfg = model_config(model_cfg)
     exclude = _as_ids(exclude_ids)
     info = pool if isinstance(pool, PoolInfo) else inspect_pool(pool)
-    unlabeled = info.num_rows - int(np.isin(read_ids(info), exclude).sum())
+    pool_ids = read_ids(info)
+    candidates = ~np.isin(pool_ids, exclude)
+    unlabeled = int(candidates.sum())
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or not 1 <= budget <= unlabeled:
         raise ValueError(
             f"budget b = {budget!r} is invalid: pool {info.source} has {info.num_rows} samples, "
@@ -260,9 +263,12 @@ def score_pool(
         state_ref = ray.put({n: t.detach().cpu() for n, t in state_dict.items()})
         if strategy == "dynamic" and grad_sum is not None:
             grad_ref = ray.put({n: t.detach().cpu() for n, t in grad_sum.items()})
-    rows = with_held_out(read_pool(info, columns=("id", "image"), preserve_order=False), held_out)
+    # Rows excluded en masse (a pool subsample, a large labeled set) are not read at all; a few are dropped later.
+    only = pool_ids[candidates] if unlabeled < READ_ALL_ABOVE * info.num_rows else None
+    parts = with_held_out(read_pool(info, columns=("id", "image"), ids=only, preserve_order=False), held_out)
     outputs = on_actors(
-        decode_ahead(rows, scoring_cfg, transform, on_bad, exclude), PoolScorer, scorer_actors(scoring_cfg),
+        [decode_ahead(rows, scoring_cfg, transform, on_bad, exclude) for rows in parts], PoolScorer,
+        scorer_actors(scoring_cfg),
         scoring_cfg.batch_size, "a ray_dal.pipeline.pool_scoring.PoolScorer actor",
         model_cfg=model_cfg, state_ref=state_ref, grad_ref=grad_ref, strategy=strategy, gamma=scoring_cfg.gamma,
         scope=scoring_cfg.scope, seed=seed, budget=int(budget), exclude_ids=exclude, transform=transform,

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import importlib
+import itertools
 import logging
 import threading
 import uuid
@@ -83,16 +85,18 @@ class ScorerPool:
                                                  max_task_retries=-1)
         self.actors = [remote.remote() for _ in range(shape.count)]
 
-    def stream(self, ds: ray.data.Dataset, actor_class: type, kwargs: dict[str, Any], batch_size: int,
+    def stream(self, parts: list[ray.data.Dataset], actor_class: type, kwargs: dict[str, Any], batch_size: int,
                no_progress_s: float) -> Iterator[dict[str, np.ndarray]]:
-        """The outputs of ``actor_class(**kwargs)`` on every ``batch_size``-row batch of ``ds``, as they finish."""
+        """The outputs of ``actor_class(**kwargs)`` on every ``batch_size``-row batch of each of ``parts`` (one after
+        the other), as they finish."""
         spec = [ray.put((actor_class, kwargs))]
         key = uuid.uuid4().hex
         total = ray.cluster_resources()  # Ray Data's share: what the actors leave
-        ds.context.execution_options.resource_limits = ExecutionResources(
-            cpu=total.get("CPU", 0) - self.shape.cpus * self.shape.count,
-            gpu=total.get("GPU", 0) - self.shape.gpus * self.shape.count)
-        bundles = iter(ds.iter_internal_ref_bundles())
+        for ds in parts:
+            ds.context.execution_options.resource_limits = ExecutionResources(
+                cpu=total.get("CPU", 0) - self.shape.cpus * self.shape.count,
+                gpu=total.get("GPU", 0) - self.shape.gpus * self.shape.count)
+        bundles = itertools.chain.from_iterable(ds.iter_internal_ref_bundles() for ds in parts)
         todo: collections.deque = collections.deque()  # (block ref, start, stop) not yet handed out
         running: dict[ray.ObjectRef, int] = {}  # output ref -> actor index
         load = [0] * len(self.actors)
@@ -193,18 +197,22 @@ def _check_fits(shape: Actors) -> None:
                           f"{total.get('GPU', 0):g}. {fix}")
 
 
-def on_actors(ds: ray.data.Dataset, actor_class: type, shape: Actors, batch_size: int, where: str,
-              **kwargs: Any) -> Iterator[dict[str, np.ndarray]]:
-    """Every output batch (numpy) of ``actor_class(**kwargs)`` called on ``batch_size``-row numpy batches of
-    ``ds``, on actors of ``shape``: this run's `ScorerPool` (lifetime "run") or a Ray Data actor pool started for
-    this pass ("pass"). An actor's own exception is raised as itself, noting ``where`` it was raised."""
+def on_actors(parts: ray.data.Dataset | list[ray.data.Dataset], actor_class: type, shape: Actors, batch_size: int,
+              where: str, **kwargs: Any) -> Iterator[dict[str, np.ndarray]]:
+    """Every output batch (numpy) of ``actor_class(**kwargs)`` called on ``batch_size``-row numpy batches of a
+    dataset or of the ``parts`` of one pass (one schema), on actors of ``shape``: this run's `ScorerPool` (lifetime
+    "run": the parts streamed one after the other) or a Ray Data actor pool started for this pass ("pass": over
+    their union). An actor's own exception is raised as itself, noting ``where`` it was raised."""
     from ray.data.context import DataContext
 
+    parts = [parts] if isinstance(parts, ray.data.Dataset) else list(parts)
     timeout = DataContext.get_current().execution_no_progress_timeout_s
     with original_errors(where):
         if shape.lifetime == "run":
-            yield from scorer_pool(shape).stream(carried(ds), actor_class, kwargs, batch_size, timeout)
+            yield from scorer_pool(shape).stream([carried(ds) for ds in parts], actor_class, kwargs, batch_size,
+                                                 timeout)
             return
+        ds = functools.reduce(ray.data.Dataset.union, parts)
         release_scorers()  # Ray Data's pool beside warm actors could leave no CPU for the reads: one at a time
         mapped = ds.map_batches(actor_class, compute=ray.data.ActorPoolStrategy(size=shape.count),
                                 num_cpus=shape.cpus, num_gpus=shape.gpus, batch_size=batch_size,
