@@ -1,4 +1,4 @@
-"""Held-out labeled rows (a round's test set) riding in a pool pass, so one actor pool serves both.
+"""Held-out labeled rows (a round's test set) riding in a pool pass: the same actors and model serve both.
 
 A pass streams the pool's rows, then the held-out ones (`with_held_out`: a ``held_out`` column tells them apart;
 their ids live apart from the pool's). An actor (`PoolScorer`, `PoolEmbedder`) splits each batch with

@@ -1,10 +1,10 @@
 """Ray plumbing for the diversity baselines: stream chosen pool samples through embedding actors.
 
-Pool rows (only the requested ids are read) -> `PoolEmbedder` actors (decode, one forward each) ->
+Pool rows (only the requested ids are read) -> `PoolEmbedder` on the scorer actors (decode, one forward each) ->
 driver, which gathers ``(id, pred, prob, a[, e])`` for every sample: O(N (d + K)) floats, which is why the
 strategies that need whole-pool embeddings work on a candidate subsample (``scoring.candidates``).
-The math is `ray_dal.selection.embedding_parts`; the actor pool is configured like the scorers'
-(``scoring.num_scorers``, ``cpus_per_scorer``, ``gpus_per_scorer``, ``batch_size``).
+The math is `ray_dal.selection.embedding_parts`; the actors are the scorers' (`ray_dal.pipeline.scorer_pool`:
+``scoring.num_scorers``, ``cpus_per_scorer``, ``gpus_per_scorer``, ``scorer_lifetime``, ``batch_size``).
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def embed_pool(
     on_bad: str = "fail",
     held_out: HeldOutRows | None = None,
 ) -> PoolEmbedding:
-    """Embed the pool samples ``ids`` (unique; each must be in the pool) on an actor pool; test the model on
+    """Embed the pool samples ``ids`` (unique; each must be in the pool) on the scorer actors; test the model on
     ``held_out`` rows in the same pass (``PoolEmbedding.tested``)."""
     model_cfg = model_config(model_cfg)
     info = pool if isinstance(pool, PoolInfo) else inspect_pool(pool)

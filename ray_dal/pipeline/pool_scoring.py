@@ -1,11 +1,12 @@
-"""Score an unlabeled pool with Ray Data scoring actors and return its top-b (ids, scores).
+"""Score an unlabeled pool on the scorer actors and return its top-b (ids, scores).
 
-Pool -> read tasks (one per row group) -> `PoolScorer` actors (decode, drop excluded ids, score,
-keep the batch's own top-b) -> driver (`TopB` merge). Held-out labeled rows (a round's test set) may ride
-in the same pass (`ray_dal.pipeline.held_out`): the same actors count the model's correct predictions on them, so a
-round starts one actor pool, not two. Only ids, scores and the model's prediction of the
-kept samples reach the driver: memory there is O(b) plus one block of per-batch top-b's, never O(pool). The math lives in `ray_dal.scoring`, the decoding in
-`ray_dal.data`, the selection in `ray_dal.topk`; this module only moves things between them.
+Pool -> read tasks (one per row group; by id when most rows are excluded) -> `PoolScorer` on the scorer actors
+(`ray_dal.pipeline.scorer_pool`: decode, drop excluded ids, score, keep the batch's own top-b) -> driver (`TopB`
+merge). Held-out labeled rows (a round's test set) may ride in the same pass (`ray_dal.pipeline.held_out`): the
+same actors count the model's correct predictions on them. Only ids, scores and the model's prediction of the
+kept samples reach the driver: memory there is O(b) plus one block of per-batch top-b's, never O(pool). The math
+lives in `ray_dal.scoring`, the decoding in `ray_dal.data`, the selection in `ray_dal.topk`; this module only
+moves things between them.
 
 Faults. The scorer actors, whichever their lifetime (`ray_dal.pipeline.scorer_pool`), are restarted when they
 die (killed, OOM, their node lost) and their unfinished batches retried. A batch's scores depend only on

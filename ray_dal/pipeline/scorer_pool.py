@@ -96,7 +96,8 @@ class ScorerPool:
             ds.context.execution_options.resource_limits = ExecutionResources(
                 cpu=total.get("CPU", 0) - self.shape.cpus * self.shape.count,
                 gpu=total.get("GPU", 0) - self.shape.gpus * self.shape.count)
-        bundles = itertools.chain.from_iterable(ds.iter_internal_ref_bundles() for ds in parts)
+        # Every part starts now (a later part's first blocks are ready when the one before ends), consumed in order.
+        bundles = itertools.chain(*[ds.iter_internal_ref_bundles() for ds in parts])
         todo: collections.deque = collections.deque()  # (block ref, start, stop) not yet handed out
         running: dict[ray.ObjectRef, int] = {}  # output ref -> actor index
         load = [0] * len(self.actors)

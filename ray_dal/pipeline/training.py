@@ -3,7 +3,7 @@
 - `prepare_labeled(pool, ids)`: the labeled set decoded once per round (columns ``id``, ``x``, ``label``).
 - `fit_round(...) -> RoundFit`: DDP training on Ray Train workers, then G over every labeled sample,
   computed by the same workers and all-reduced.
-- `evaluate(...)` / `count_correct(...)`: exact test accuracy through a Ray Data actor pool.
+- `evaluate(...)` / `count_correct(...)`: exact test accuracy on actors (`ray_dal.pipeline.scorer_pool`).
 
 Progress. `fit_round` runs ``trainer.fit()`` in a thread while the calling thread draws bars
 (`ray_dal.console.progress`) from what rank 0 puts into a queue: each epoch with its training accuracy,
