@@ -3,7 +3,9 @@
 End to end, `ray_dal.pipeline.pool_scoring.score_pool` (strategy dynamic, scope all) streams a Parquet pool of
 encoded JPEGs through read tasks -> k `PoolScorer` actors (decode, score, per-batch top-b) -> the
 driver's top-b merge. Its rate (samples scored / wall seconds, actor start-up included) is compared
-with k x the in-process rate of `ray_dal.scoring.dynamic_scores` on pre-decoded tensors:
+with k x the in-process rate of `ray_dal.scoring.dynamic_scores` on pre-decoded tensors. Every run is a pass
+with its own actors (``scoring.scorer_lifetime: pass``, so that each repeat pays the start-up a fresh pass
+pays); the run's warm actors (the default) are measured round by round in round_time.py.
 
     efficiency = pipeline rate / (k x in-process score rate)
 
@@ -291,7 +293,7 @@ def run_pipeline(pool: Path, name: str, model, g, k: int, batch_size: int, budge
     assert budget >= batch_size
     state = {n: t.detach().clone() for n, t in model.state_dict().items()}
     cfg = ScoringConfig(strategy="dynamic", gamma=GAMMA, scope="all", num_scorers=k, batch_size=batch_size,
-                        cpus_per_scorer=CPUS_PER_SCORER, gpus_per_scorer=0)
+                        cpus_per_scorer=CPUS_PER_SCORER, gpus_per_scorer=0, scorer_lifetime="pass")
     TimedTopB.log = []
     pool_scoring.TopB = TimedTopB
     try:

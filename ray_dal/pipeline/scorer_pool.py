@@ -4,12 +4,13 @@
 ``scoring.decode: tasks`` and streams it; the driver hands each batch-sized slice of a block to the least busy
 actor as the block's ObjectRef (never the data), at most `IN_FLIGHT` per actor, and pulls the next blocks only
 as slices are handed out, so a million-row pool never piles up in the object store. Each pass ships its own
-callable class and arguments (a `Pass`: the model's and G's ObjectRefs); an actor builds that callable once per
-pass and calls it on each batch as ``map_batches`` would, so a pass's outputs do not depend on the lifetime.
+callable class and arguments (with the model's and G's ObjectRefs) once, to the object store; an actor builds that
+callable on the pass's first batch and calls it on each batch as ``map_batches`` would, so a pass's outputs do not
+depend on the lifetime.
 ``scorer_lifetime: pass`` keeps Ray Data's own actor pool, started and stopped by every pass.
 
 Faults: the actors are created as Ray Data creates its pools' (``max_restarts=-1, max_task_retries=-1``): an
-actor that dies, alone or with its node, is restarted, rebuilds the pass's callable from the `Pass` its retried
+actor that dies, alone or with its node, is restarted, rebuilds the pass's callable from the reference its retried
 call carries and redoes the batch; blocks lost with a node are rebuilt by Ray from their read tasks.
 
 Resources: the actors hold their CPUs (and GPUs) between passes, and a pass's Ray Data work gets what they leave.
@@ -35,6 +36,7 @@ from ray.data import ExecutionResources
 from ray.data.exceptions import ExecutionTimeoutError
 
 from ..config import ConfigError
+from ..data import READ_CPUS
 from ..errors import carry, carried, original_errors
 
 log = logging.getLogger("ray_dal")
@@ -56,7 +58,6 @@ class ScorerActor:
 
     def __init__(self):
         importlib.import_module("ray_dal.pipeline.pool_scoring")  # torch and ray_dal: most of a start-up, paid here
-
         self.key: str | None = None
         self.fn: Any = None
 
@@ -134,7 +135,8 @@ def _slices(bundle: Any, batch_size: int) -> Iterator[tuple[ray.ObjectRef, int, 
             yield ref, first, min(stop, first + batch_size)
 
 
-_pool: ScorerPool | None = None
+_pool: ScorerPool | None = None  # this process's scorer actors
+_ray_data_started: str | None = None  # the node id of the driver whose cluster has run a Ray Data pass
 
 
 def scorer_pool(shape: Actors) -> ScorerPool:
@@ -163,8 +165,6 @@ def start_early(shape: Actors) -> None:
         threading.Thread(target=_one_row_pass, name="ray_dal-start-ray-data", daemon=True).start()
 
 
-_ray_data_started: str | None = None  # the node id of the driver whose cluster has run a Ray Data pass
-
 
 def _one_row_pass() -> None:
     try:
@@ -184,8 +184,6 @@ def release_scorers() -> None:
 
 def _check_fits(shape: Actors) -> None:
     """`ConfigError` when the actors would leave no CPU for the pool's read tasks, or ask for more GPUs than exist."""
-    from ..data import READ_CPUS
-
     total = ray.cluster_resources()
     cpus, gpus = shape.count * shape.cpus, shape.count * shape.gpus
     fix = ("Fix: lower scoring.num_scorers or scoring.cpus_per_scorer / gpus_per_scorer, or set "
