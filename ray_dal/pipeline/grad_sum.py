@@ -18,8 +18,7 @@ from .actors import actor_device, load_model, use_cpu_share
 from ..config import ModelConfig
 from ..data import DEFAULT_TRANSFORM, ImageTransform, PoolInfo, preprocess_batch, read_pool
 from ..errors import carry
-from .runtime import cluster_has_gpus
-from .scorer_pool import Actors, on_actors
+from .scorer_pool import Actors, on_actors, one_actor_per_pass
 from ..scoring import labeled_gradient, scoped_parameters
 
 
@@ -59,8 +58,7 @@ def pool_grad_sum(
     ids, labels = ids[order], labels[order]
     shapes = {n: p.shape for n, p in scoped_parameters(load_model(model_cfg, state_dict), scope).items()}
     rows = read_pool(pool, columns=("id", "image"), ids=ids, preserve_order=False)
-    actors = actors or Actors(1, 0.5, 1 if cluster_has_gpus() else 0, "pass")
-    outputs = on_actors(rows, _PartialGradSum, actors, batch_size,
+    outputs = on_actors(rows, _PartialGradSum, actors or one_actor_per_pass(), batch_size,
                         "a ray_dal.pipeline.grad_sum actor (G over the labeled samples)", model_cfg=model_cfg,
                         state_ref=ray.put(dict(state_dict)), ids=ids, labels=labels, scope=scope, transform=transform)
     total, count = np.zeros(sum(int(np.prod(s)) for s in shapes.values())), 0

@@ -132,7 +132,8 @@ def embed_pool(
     start = time.perf_counter()
     state_ref = ray.put({n: t.detach().cpu() for n, t in check_weights(model_cfg, state_dict, "state_dict").items()})
     parts = with_held_out(read_pool(info, columns=("id", "image"), ids=ids, preserve_order=False), held_out)
-    outputs = on_actors([decode_ahead(rows, scoring_cfg, transform, on_bad) for rows in parts], PoolEmbedder, scorer_actors(scoring_cfg), scoring_cfg.batch_size,
+    outputs = on_actors([decode_ahead(rows, scoring_cfg, transform, on_bad) for rows in parts], PoolEmbedder,
+                        scorer_actors(scoring_cfg), scoring_cfg.batch_size,
                         "a ray_dal.pipeline.pool_embedding.PoolEmbedder actor", model_cfg=model_cfg,
                         state_ref=state_ref, residuals=residuals, transform=transform, on_bad=on_bad)
     parts: dict[str, list[np.ndarray]] = {"id": [], "pred": [], "prob": [], "a": [], "e": [], "skipped": []}

@@ -269,8 +269,7 @@ def score_pool(
     parts = with_held_out(read_pool(info, columns=("id", "image"), ids=only, preserve_order=False), held_out)
     outputs = on_actors(
         [decode_ahead(rows, scoring_cfg, transform, on_bad, exclude) for rows in parts], PoolScorer,
-        scorer_actors(scoring_cfg),
-        scoring_cfg.batch_size, "a ray_dal.pipeline.pool_scoring.PoolScorer actor",
+        scorer_actors(scoring_cfg), scoring_cfg.batch_size, "a ray_dal.pipeline.pool_scoring.PoolScorer actor",
         model_cfg=model_cfg, state_ref=state_ref, grad_ref=grad_ref, strategy=strategy, gamma=scoring_cfg.gamma,
         scope=scoring_cfg.scope, seed=seed, budget=int(budget), exclude_ids=exclude, transform=transform,
         on_bad=on_bad,

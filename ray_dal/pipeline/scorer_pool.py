@@ -38,6 +38,7 @@ from ray.data.exceptions import ExecutionTimeoutError
 from ..config import ConfigError
 from ..data import READ_CPUS
 from ..errors import carry, carried, original_errors
+from .runtime import cluster_has_gpus
 
 log = logging.getLogger("ray_dal")
 IN_FLIGHT = 2  # batches queued on one actor: the next is there when the last ends
@@ -53,6 +54,12 @@ class Actors:
     lifetime: str = "run"
 
 
+def one_actor_per_pass() -> Actors:
+    """The default of a pass outside the scorers' settings (tests, a library call): one 0.5-CPU actor started for
+    the pass, with a GPU when the cluster has them."""
+    return Actors(1, 0.5, 1 if cluster_has_gpus() else 0, "pass")
+
+
 class ScorerActor:
     """A Ray actor that runs each pass's callable on the batches it is handed (module docstring)."""
 
@@ -60,9 +67,6 @@ class ScorerActor:
         importlib.import_module("ray_dal.pipeline.pool_scoring")  # torch and ray_dal: most of a start-up, paid here
         self.key: str | None = None
         self.fn: Any = None
-
-    def ready(self) -> bool:
-        return True
 
     def run(self, key: str, spec: list, block: Any, start: int, stop: int) -> dict[str, np.ndarray]:
         """The pass ``key``'s callable (built from ``ray.get(spec[0])`` on its first batch here) on rows
@@ -92,11 +96,11 @@ class ScorerPool:
         the other), as they finish."""
         spec = [ray.put((actor_class, kwargs))]
         key = uuid.uuid4().hex
-        total = ray.cluster_resources()  # Ray Data's share: what the actors leave
+        total = ray.cluster_resources()
+        left = ExecutionResources(cpu=total.get("CPU", 0) - self.shape.cpus * self.shape.count,
+                                  gpu=total.get("GPU", 0) - self.shape.gpus * self.shape.count)
         for ds in parts:
-            ds.context.execution_options.resource_limits = ExecutionResources(
-                cpu=total.get("CPU", 0) - self.shape.cpus * self.shape.count,
-                gpu=total.get("GPU", 0) - self.shape.gpus * self.shape.count)
+            ds.context.execution_options.resource_limits = left  # Ray Data's share: what the actors leave
         # Every part starts now (a later part's first blocks are ready when the one before ends), consumed in order.
         bundles = itertools.chain(*[ds.iter_internal_ref_bundles() for ds in parts])
         todo: collections.deque = collections.deque()  # (block ref, start, stop) not yet handed out
@@ -165,7 +169,6 @@ def start_early(shape: Actors) -> None:
         threading.Thread(target=_one_row_pass, name="ray_dal-start-ray-data", daemon=True).start()
 
 
-
 def _one_row_pass() -> None:
     try:
         ray.data.range(1).materialize()
@@ -217,4 +220,3 @@ def on_actors(parts: ray.data.Dataset | list[ray.data.Dataset], actor_class: typ
                                 num_cpus=shape.cpus, num_gpus=shape.gpus, batch_size=batch_size,
                                 batch_format="numpy", fn_constructor_kwargs=kwargs)
         yield from carried(mapped).iter_batches(batch_size=None, batch_format="numpy")
-

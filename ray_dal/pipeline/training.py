@@ -79,7 +79,7 @@ from ..data import (DEFAULT_TRANSFORM, ImageTransform, PoolInfo, preprocess_batc
 from ..errors import carried, carry, original_errors
 from ..models import build_model
 from .runtime import cluster_has_gpus
-from .scorer_pool import Actors, on_actors, release_scorers
+from .scorer_pool import Actors, on_actors, one_actor_per_pass, release_scorers
 from ..scoring import labeled_gradient, scoped_parameters
 from ..storage import Location, location
 
@@ -661,7 +661,7 @@ def count_correct(
     listed). Runs on ``actors`` (`ray_dal.pipeline.scorer_pool`; default: one 0.5-CPU actor for this pass, with
     a GPU when the cluster has them). ``name`` labels the progress bar ("test", "eval").
     """
-    actors = actors or Actors(1, 0.5, 1 if cluster_has_gpus() else 0, "pass")
+    actors = actors or one_actor_per_pass()
     if batch_size < 1 or actors.count < 1 or actors.cpus < 0:
         raise ValueError(f"need batch_size >= 1, at least 1 actor and CPUs per actor >= 0; got {batch_size}, {actors}")
     columns = set(test.columns() or ())
