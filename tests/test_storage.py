@@ -121,3 +121,15 @@ def test_a_lease_of_a_dead_process_is_taken_over_at_once_and_an_expired_one_too(
 def test_filesystems_are_built_once_per_process(bucket):
     a, b = location(f"s3://{bucket}/a"), location(f"s3://{bucket}/b")
     assert a.store == b.store and filesystem(a.store) is filesystem(b.store)
+
+
+def test_a_store_on_a_port_holding_403_is_unreachable_not_access_denied():
+    """A refused connection to 127.0.0.1:40311 once read as "access denied" (the port holds "403")."""
+    from ray_dal.storage.location import explain
+
+    where = location("s3://bucket/pool.parquet")
+    down = OSError("AWS Error NETWORK_CONNECTION during GetObject operation: curlCode: 7, Could not connect to "
+                   "server; Details: Failed to connect to 127.0.0.1:40311 after 0 ms: Could not connect to server")
+    assert "failed: cannot reach the store at" in explain(down, "reading", where)
+    denied = OSError("AWS Error UNKNOWN (HTTP status 403) during GetObject operation")
+    assert "failed: access denied. Fix:" in explain(denied, "reading", where)

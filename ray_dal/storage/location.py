@@ -319,7 +319,7 @@ def explain(error: BaseException, action: str, where: Location) -> str:
                                        "InvalidAccessKeyId", "InvalidClientTokenId", "ExpiredToken")):
         reason, fix = "the store rejected the credentials", ("set valid AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
                                                              "(or AWS_PROFILE) in the environment of every node")
-    elif "ACCESS_DENIED" in text or "AccessDenied" in text or "403" in text:
+    elif "ACCESS_DENIED" in text or "AccessDenied" in text or re.search(r"(?<![:\d])403(?!\d)", text):  # not a port
         reason, fix = "access denied", "grant these credentials access to the bucket, or use others"
     elif "curlCode: 7" in text or "NETWORK_CONNECTION" in text or "curlCode: 28" in text or "curlCode: 6" in text:
         endpoint = where.store.endpoint or "AWS S3"
