@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import math
 import os
 from dataclasses import dataclass
@@ -359,13 +360,54 @@ class Attention(nn.Module):
         return self.out(self.attn(h, h, h, need_weights=False)[0].mean(1))
 
 
+class ReusedFirstLayer(nn.Module):
+    """A bias-free first layer (its input needs no gradient, so autograd sees its op as a function of the
+    weight alone) whose weight a later op reuses."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(6, 6, bias=False)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.first(x))
+        return self.out(h + F.linear(h, self.first.weight))
+
+
+class DetachedReuse(nn.Module):
+    """A parent reads a child's weight without differentiating through it: no second gradient term."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc(x)) * self.fc.weight.detach().norm())
+
+
+class OneWeightTwice(nn.Module):
+    """The model's only parameter, used by its layer and again functionally: every op depends on it alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3, bias=False)
+
+    def forward(self, x):
+        return self.fc(x) + F.linear(x.flip(1), self.fc.weight)
+
+
 @pytest.mark.parametrize(
     "factory, generic",
     [
+        (lambda: nn.Linear(6, 3, bias=False), set()),  # one parameter: the whole graph is a function of it
+        (OneWeightTwice, {"fc.weight"}),
         (WithPReLU, {"act.weight"}),
         (TiedWeights, {"embed.weight"}),
         (SharedLayer, {"shared.weight", "shared.bias"}),
         (Attention, {"attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias"}),
+        (ReusedFirstLayer, {"first.weight"}),
+        (DetachedReuse, set()),
     ],
 )
 def test_parameters_without_a_fast_path_are_still_exact(factory, generic, target):
@@ -379,6 +421,22 @@ def test_parameters_without_a_fast_path_are_still_exact(factory, generic, target
     for gamma in (0.0, 2.0, math.inf):
         expected = loop_scores(model, x, G, gamma=gamma)
         assert_close(target.scores(fast_model, x, G, gamma=gamma), expected, target.rtol(1e-8))
+
+
+@cpu_only
+def test_a_weight_reused_under_autocast_takes_the_generic_path():
+    """Autocast casts a weight once per forward and reuses the cast: two ops, one cast node between them and the
+    weight. Both uses must still be seen (a fast handler alone would drop the second op's term)."""
+    torch.manual_seed(0)
+    model = ReusedFirstLayer()
+    x = torch.randn(8, 6)
+    G = labeled_gradient(model.double(), (x.double().flip(0), torch.randint(0, 3, (8,))))
+    expected = loop_scores(model, x.double(), G)
+    model.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert generic_path_parameters(model, x) == ["first.weight"]
+        actual = dynamic_scores(model, x, {n: g.float() for n, g in G.items()})
+    assert_close(actual.double(), expected, BF16_RTOL)
 
 
 class _NoVmap(torch.autograd.Function):
@@ -477,6 +535,32 @@ def test_autocast_bfloat16_scores_are_float32_and_close(name, target):
         actual = dynamic_scores(model, x.float().to(device), G)
     assert actual.dtype == torch.float32 and actual.device.type == device.type
     assert_close(actual.double().cpu(), expected, 5e-2 if device.type == "cpu" else BF16_RTOL)
+
+
+@cpu_only
+@pytest.mark.parametrize("module, x_shape", [
+    (nn.Conv2d(3, 5, 3, stride=2, padding=2, dilation=2), (6, 3, 9, 9)),
+    (nn.Conv2d(4, 6, 3, groups=2, padding=1, padding_mode="reflect"), (6, 4, 7, 7)),
+    (nn.Conv1d(2, 4, 5, stride=3, padding=1), (6, 2, 20)),
+])
+def test_narrow_convolutions_take_patches_in_chunks(module, x_shape, monkeypatch):
+    """Narrow convolutions (an RGB stem) take patches x output gradient, a few samples at a time, into a buffer
+    kept between calls: the grouped convolution's per-sample gradients, whatever the chunk, dtype or call order."""
+    conv = importlib.import_module("ray_dal.scoring.layers.conv")
+    torch.manual_seed(0)
+    module = module.double()
+    x = torch.randn(x_shape, dtype=torch.float64)
+    d = torch.randn_like(module(x))
+    padded, padding = conv._padded(module, x)
+    monkeypatch.setattr(conv, "NARROW_CHANNELS", 0)
+    expected = conv._per_sample_weight_grad(module, padded, d, padding)
+    monkeypatch.setattr(conv, "NARROW_CHANNELS", 4)
+    one_sample = padded[0].numel() * math.prod(module.kernel_size) * 8
+    for chunk_bytes in (1, 2 * one_sample, conv.PATCH_CHUNK_BYTES):  # 1 sample, 2 or so, the whole batch
+        monkeypatch.setattr(conv, "PATCH_CHUNK_BYTES", chunk_bytes)
+        as_float = conv._per_sample_weight_grad(copy.deepcopy(module).float(), padded.float(), d.float(), padding)
+        assert_close(as_float.double(), expected, 1e-5)
+        assert_close(conv._per_sample_weight_grad(module, padded, d, padding), expected, 1e-12)
 
 
 @cpu_only

@@ -6,9 +6,9 @@ hooks reduce each layer's share of ``||g_x||^2`` and ``<g_x, G>`` as soon as its
 known (see ``layers/``), so memory grows with batch size times the largest layer.
 
 Exactness guards. A parameter is scored by its layer's fast handler only if its module has a
-handler, ran exactly once, and no operation outside that module's own forward used the parameter
-(tied weights, a parent using a child's weight functionally). Every other parameter that the
-loss depends on (found by walking the autograd graph) is scored on an exact generic path:
+handler, ran exactly once, its output gradient reached the handler, and the loss's autograd graph
+holds no other op that uses the parameter (tied weights, a parent using a child's weight
+functionally). Every other parameter that the loss depends on is scored on an exact generic path:
 ``torch.func`` per-sample gradients of just those parameters. If that path cannot run,
 `UnsupportedModelError` names the parameters. No parameter is ever silently dropped.
 """
@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
-from torch.overrides import TorchFunctionMode
 
 from .last_layer import last_layer_scores
 from .layers import LAYER_ERRORS, METHODS, handler_for
@@ -84,33 +83,13 @@ def generic_path_parameters(model: nn.Module, inputs: torch.Tensor) -> list[str]
 
 @dataclass
 class _Layer:
-    """A module scored by a fast handler, and what one forward pass recorded about it."""
+    """A module scored by a fast handler, and what one forward and backward pass recorded about it."""
 
     module: nn.Module
     handler: object
     names: dict[str, str]  # local parameter name -> full name
     calls: int = 0
-
-
-class _ParameterUseTracker(TorchFunctionMode):
-    """Flags fast-path parameters that an op uses outside their own module's forward."""
-
-    _METADATA = {"__get__", "size", "dim", "numel", "is_floating_point", "is_complex", "type", "__len__"}
-
-    def __init__(self, owner: dict[int, nn.Module]):
-        super().__init__()
-        self.owner = owner
-        self.active: nn.Module | None = None
-        self.escaped: set[int] = set()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if getattr(func, "__name__", "") not in self._METADATA:
-            for a in (*args, *kwargs.values()):
-                for t in a if isinstance(a, (list, tuple)) else (a,):
-                    if id(t) in self.owner and self.owner[id(t)] is not self.active:
-                        self.escaped.add(id(t))
-        return func(*args, **kwargs)
+    scored: tuple[str, ...] = ()  # full names its handler scored
 
 
 def _all_parameter_terms(model, inputs, params, G, layer_method):
@@ -121,20 +100,13 @@ def _all_parameter_terms(model, inputs, params, G, layer_method):
         own = {n: full_name[id(p)] for n, p in module.named_parameters(recurse=False) if id(p) in full_name}
         if handler is not None and own:
             layers[module] = _Layer(module, handler, own)
-    tracker = _ParameterUseTracker(
-        {id(p): m for m, layer in layers.items() for n, p in m.named_parameters(recurse=False) if n in layer.names}
-    )
     B = inputs.shape[0]
     dtype = torch.promote_types(next(iter(params.values())).dtype, torch.float32)
     sq = torch.zeros(B, dtype=dtype, device=inputs.device)
     dot = None if G is None else torch.zeros_like(sq)
-    edges = []
-
-    def before(module, args):
-        tracker.active = module
+    edges, uses = [], {}
 
     def after(module, args, output):
-        tracker.active = None
         layer = layers[module]
         layer.calls += 1
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
@@ -145,7 +117,7 @@ def _all_parameter_terms(model, inputs, params, G, layer_method):
 
     def reduce(layer: _Layer, x, version, grad):
         nonlocal sq, dot
-        names = {local for local, full in layer.names.items() if id(params[full]) not in tracker.escaped}
+        names = {local for local, full in layer.names.items() if uses.get(id(params[full])) == 1}
         if layer.calls != 1 or not names:
             return  # these parameters take the generic path
         if x._version != version:
@@ -158,33 +130,27 @@ def _all_parameter_terms(model, inputs, params, G, layer_method):
             s, t = layer.handler(layer.module, x, grad, names, local_G, layer_method)
         except LAYER_ERRORS as err:
             raise UnsupportedModelError(f"{_describe(model, layer.module)}: {err}") from err
+        layer.scored = tuple(layer.names[n] for n in names)
         sq = sq + s.to(dtype)
         if dot is not None:
             dot = dot + t.to(dtype)
 
-    handles = [h for m in layers for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    handles = [m.register_forward_hook(after) for m in layers]
     try:
         with torch.enable_grad():
-            with tracker:
-                logits = model(inputs)
+            logits = model(inputs)
             _check_logits(logits, B)
             labels = logits.detach().argmax(dim=1)
             loss = F.cross_entropy(logits.to(dtype), labels, reduction="sum")
-            in_graph = _parameters_in_graph(loss)
+            uses.update(_parameter_uses(loss))
             if edges:
                 torch.autograd.grad(loss, edges, allow_unused=True)
     finally:
         for h in handles:
             h.remove()
 
-    fast = {
-        full
-        for layer in layers.values()
-        if layer.calls == 1
-        for full in layer.names.values()
-        if id(params[full]) not in tracker.escaped
-    }
-    rest = [n for n, p in params.items() if id(p) in in_graph and n not in fast]
+    fast = {full for layer in layers.values() for full in layer.scored}
+    rest = [n for n, p in params.items() if id(p) in uses and n not in fast]
     if rest:
         s, t = _generic_terms(model, inputs, {n: params[n] for n in rest}, G)
         sq = sq + s.to(dtype)
@@ -206,18 +172,33 @@ def _generic_terms(model, inputs, params, G):
         ) from err
 
 
-def _parameters_in_graph(loss: torch.Tensor) -> set[int]:
-    """ids of the leaf tensors (parameters) whose gradient the loss depends on."""
-    seen, stack, leaves = set(), [loss.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if hasattr(node, "variable"):
-            leaves.add(id(node.variable))
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return leaves
+def _parameter_uses(loss: torch.Tensor) -> dict[int, int]:
+    """``id(leaf) -> how many ops of the loss's autograd graph use it``, for every leaf (parameter) that the loss
+    depends on. An op whose only input needing a gradient is a leaf, or such an op's result (a cast, a transpose,
+    a first layer) is counted as that leaf, so ``1`` means one op alone gives the leaf its whole gradient."""
+    root = loss.grad_fn
+    inputs, order, stack = {}, [], [(root, False)]
+    while stack:  # depth-first, inputs before the ops that use them
+        node, expanded = stack.pop()
+        if expanded:
+            order.append(node)
+        elif node not in inputs:
+            inputs[node] = [n for n, _ in node.next_functions if n is not None]
+            stack.append((node, True))
+            stack.extend((n, False) for n in inputs[node] if n not in inputs)
+    leaf_of = {}  # node -> id of the one leaf it is a function of, or None
+    for node in order:
+        ins = inputs[node]
+        leaf_of[node] = id(node.variable) if hasattr(node, "variable") else leaf_of[ins[0]] if len(ins) == 1 else None
+    uses: dict[int, int] = {}
+    for node in order:
+        if leaf_of[node] is None:
+            for n in inputs[node]:
+                if leaf_of[n] is not None:
+                    uses[leaf_of[n]] = uses.get(leaf_of[n], 0) + 1
+    if root is not None and leaf_of[root] is not None:
+        uses[leaf_of[root]] = uses.get(leaf_of[root], 0) + 1
+    return uses
 
 
 def _check_logits(logits, batch_size: int) -> None:

@@ -2,18 +2,23 @@
 
 Materialise: per-sample weight gradients come from one convolution weight-gradient with the batch
 folded into the groups (input ``[1, B*C, ...]``, ``B*groups`` groups), about the cost of the
-ordinary summed weight gradient and without an im2col copy.
+ordinary summed weight gradient and without an im2col copy. Narrow 1d/2d layers (<= 4 input channels
+per group, e.g. an RGB stem) take ``d @ patches^T`` instead, a few samples at a time: oneDNN's grouped
+kernel is 2x slower there (benchmarks/results/layer_choice.md).
 Ghost (1d/2d): a convolution is a Linear over L positions of unfolded input patches ``u``, so
 ``||g||^2 = sum_{l,l'} (u_l.u_l')(d_l.d_l')`` per group, and ``<g, G> = sum(d * conv(x, G))``.
 """
 
 from __future__ import annotations
 
+import math
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import Pair, accumulation_dtype, ghost_sq, norm_and_dot, prefer_ghost, rowwise_dot
+from .common import Pair, accumulation_dtype, ghost_sq, grad_sums, materialised, prefer_ghost, rowwise_dot_, rowwise_sq
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -37,35 +42,38 @@ def _padded(module, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
 
 def conv(module: nn.modules.conv._ConvNd, x: torch.Tensor, d: torch.Tensor, names, grad_sum, method: str) -> Pair:
     dtype = accumulation_dtype(d)
-    B, groups, nd = d.shape[0], module.groups, len(module.kernel_size)
+    groups, nd = module.groups, len(module.kernel_size)
     x, padding = _padded(module, x.to(dtype))
     d = d.to(dtype)
-    sq = torch.zeros(B, dtype=dtype, device=d.device)
-    dot = None if grad_sum is None else torch.zeros_like(sq)
+    G = grad_sums(grad_sum, names, dtype)
+    d_bias = d.flatten(2).sum(2)  # [B, out]: the bias's per-sample gradient
+    bias = "bias" in names
+    positions, fan_in = d[0, 0].numel(), module.weight[0].numel()
+    if "weight" in names and nd <= 2 and prefer_ghost(positions, fan_in, module.out_channels // groups, method):
+        sq = _ghost_sq(module, x, d, padding) + (rowwise_sq(d_bias) if bias else 0)
+        if G is None:
+            return sq, None
+        # <g_W, G_W> + <g_b, G_b> = sum d * conv(x, G_W, G_b): the layer's own op on G
+        conv_G = _CONV[nd](x, G["weight"], G.get("bias"), module.stride, padding, module.dilation, groups)
+        return sq, rowwise_dot_(d, conv_G)
+    per_sample = {"bias": d_bias} if bias else {}
     if "weight" in names:
-        G = None if grad_sum is None else grad_sum["weight"].to(dtype)
-        out_per_group, positions = module.out_channels // groups, d[0, 0].numel()
-        fan_in = module.weight[0].numel()
-        if nd <= 2 and prefer_ghost(positions, fan_in, out_per_group, method):
-            sq += _ghost_sq(module, x, d, padding)
-            if G is not None:
-                conv_G = _CONV[nd](x, G, None, module.stride, padding, module.dilation, groups)
-                dot += rowwise_dot(d, conv_G)
-        else:
-            s, t = norm_and_dot(_per_sample_weight_grad(module, x, d, padding), G)
-            sq += s
-            if G is not None:
-                dot += t
-    if "bias" in names:
-        s, t = norm_and_dot(d.flatten(2).sum(2), None if grad_sum is None else grad_sum["bias"])
-        sq += s
-        if dot is not None:
-            dot += t
-    return sq, dot
+        per_sample["weight"] = _per_sample_weight_grad(module, x, d, padding)
+    return materialised(per_sample, G)
+
+
+# Patch-matmul for layers with at most this many input channels per group, on chunks of about this many bytes
+# of patches (a chunk that stays in cache: the whole batch's patches at B=256 made it 6x slower).
+NARROW_CHANNELS = 4
+PATCH_CHUNK_BYTES = 2 << 20
+_scratch = threading.local()
 
 
 def _per_sample_weight_grad(module, x, d, padding) -> torch.Tensor:
-    """``[B, *weight.shape]``: the weight gradient of a convolution whose groups are (sample, group)."""
+    """``[B, *weight.shape]``: the per-sample weight gradients (patches x output gradient for narrow layers,
+    else a convolution weight-gradient whose groups are (sample, group))."""
+    if len(module.kernel_size) <= 2 and module.in_channels // module.groups <= NARROW_CHANNELS:
+        return _patch_weight_grad(module, x, d, padding)
     B, nd = d.shape[0], len(module.kernel_size)
     shape = (B * module.out_channels, *module.weight.shape[1:])
     weight_shape_only = x.new_zeros(()).expand(shape)  # read for its shape alone: no memory
@@ -76,24 +84,65 @@ def _per_sample_weight_grad(module, x, d, padding) -> torch.Tensor:
     return grad.reshape(B, *module.weight.shape)
 
 
+def _patch_weight_grad(module, x, d, padding) -> torch.Tensor:
+    B, groups = d.shape[0], module.groups
+    x, d, geometry = _as_2d(module, x, d, padding)
+    L = d[0, 0].numel()
+    patch_numel = module.in_channels * math.prod(geometry[0]) * L  # one sample's
+    chunk = max(1, PATCH_CHUNK_BYTES // (patch_numel * x.element_size()))
+    buffer = _patch_buffer(min(chunk, B) * patch_numel, x)
+    out = []
+    for xs, ds in zip(x.split(chunk), d.split(chunk)):
+        n = xs.shape[0]
+        U = _patches(xs, *geometry, out=buffer[: n * patch_numel]).view(n * groups, -1, L)  # [n*g, C/g*K, L]
+        out.append(torch.bmm(ds.reshape(n * groups, -1, L), U.transpose(1, 2)))  # [n*g, O/g, C/g*K]
+    return torch.cat(out).reshape(B, *module.weight.shape)
+
+
+def _patch_buffer(numel: int, like: torch.Tensor) -> torch.Tensor:
+    """A flat buffer for patches. On CPU one per thread, dtype and device is kept: glibc hands a freed
+    multi-MB block back to the OS, so a fresh one per call page-faults (1,000-8,000 faults a call on the
+    cnn, which cost more than the patch-matmul saved)."""
+    if like.device.type != "cpu":
+        return like.new_empty(numel)  # the CUDA caching allocator reuses blocks itself
+    key = (like.dtype, like.device)
+    kept = getattr(_scratch, "buffers", None)
+    if kept is None:
+        kept = _scratch.buffers = {}
+    if key not in kept or kept[key].numel() < numel:
+        kept[key] = like.new_empty(numel)
+    return kept[key][:numel]
+
+
 def _ghost_sq(module, x, d, padding) -> torch.Tensor:
     B, groups = d.shape[0], module.groups
-    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-    if len(kernel) == 1:  # a Conv1d is a Conv2d of height 1
-        x, d = x.unsqueeze(2), d.unsqueeze(2)
-        kernel, stride, dilation, padding = (1, *kernel), (1, *stride), (1, *dilation), (0, *padding)
-    U = _patches(F.pad(x, [p for p in reversed(padding) for _ in range(2)]), kernel, stride, dilation)
+    x, d, geometry = _as_2d(module, x, d, padding)
+    U = _patches(x, *geometry)
     U = U.reshape(B, groups, -1, U.shape[-1]).transpose(-1, -2)  # [B, g, L, C/g*K]
     D = d.reshape(B, groups, -1, U.shape[-2]).transpose(-1, -2)  # [B, g, L, O/g]
     return ghost_sq(U, D)
 
 
-def _patches(x: torch.Tensor, kernel, stride, dilation) -> torch.Tensor:
+def _as_2d(module, x, d, padding):
+    """``(padded x, d, (kernel, stride, dilation))`` of the equivalent unpadded 2d convolution (a Conv1d is a
+    Conv2d of height 1)."""
+    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    if len(kernel) == 1:
+        x, d = x.unsqueeze(2), d.unsqueeze(2)
+        kernel, stride, dilation, padding = (1, *kernel), (1, *stride), (1, *dilation), (0, *padding)
+    if any(padding):
+        x = F.pad(x, [p for p in reversed(padding) for _ in range(2)])
+    return x, d, (kernel, stride, dilation)
+
+
+def _patches(x: torch.Tensor, kernel, stride, dilation, out: torch.Tensor | None = None) -> torch.Tensor:
     """``F.unfold`` of an already padded ``[B, C, H, W]`` (``[B, C*kh*kw, L]``) via a strided view and one
-    copy: several times faster than ``F.unfold``'s im2col on CPU."""
+    copy (into ``out``'s storage when given): several times faster than ``F.unfold``'s im2col on CPU."""
     B, C, H, W = x.shape
     (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
     out_h, out_w = (H - dh * (kh - 1) - 1) // sh + 1, (W - dw * (kw - 1) - 1) // sw + 1
     s = x.stride()
     view = x.as_strided((B, C, kh, kw, out_h, out_w), (s[0], s[1], s[2] * dh, s[3] * dw, s[2] * sh, s[3] * sw))
-    return view.reshape(B, C * kh * kw, out_h * out_w)
+    if out is None:
+        return view.reshape(B, C * kh * kw, out_h * out_w)
+    return out.view(view.shape).copy_(view).view(B, C * kh * kw, out_h * out_w)

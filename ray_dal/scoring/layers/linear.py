@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import Pair, accumulation_dtype, ghost_sq, norm_and_dot, prefer_ghost, rowwise_dot
+from .common import Pair, accumulation_dtype, ghost_sq, grad_sums, materialised, prefer_ghost, rowwise_dot_, rowwise_sq
 
 
 def linear(module: nn.Linear, x: torch.Tensor, d: torch.Tensor, names, grad_sum, method: str) -> Pair:
@@ -17,27 +17,19 @@ def linear(module: nn.Linear, x: torch.Tensor, d: torch.Tensor, names, grad_sum,
     B = d.shape[0]
     a = x.to(dtype).reshape(B, -1, module.in_features)
     d = d.to(dtype).reshape(B, -1, module.out_features)
-    sq = torch.zeros(B, dtype=dtype, device=d.device)
-    dot = None if grad_sum is None else torch.zeros_like(sq)
-    if "weight" in names:
-        G = None if grad_sum is None else grad_sum["weight"].to(dtype)
-        T = a.shape[1]
+    G = grad_sums(grad_sum, names, dtype)
+    T = a.shape[1]
+    d_bias = d[:, 0] if T == 1 else d.sum(1)  # [B, out]: the bias's per-sample gradient
+    bias = "bias" in names
+    if "weight" in names and (T == 1 or prefer_ghost(T, module.in_features, module.out_features, method)):
         if T == 1:  # rank-one per-sample gradient: ||d a^T||^2 = ||d||^2 ||a||^2
-            sq += a[:, 0].pow(2).sum(1) * d[:, 0].pow(2).sum(1)
-            if G is not None:
-                dot += (d[:, 0] * F.linear(a[:, 0], G)).sum(1)
-        elif prefer_ghost(T, module.in_features, module.out_features, method):
-            sq += ghost_sq(a, d)
-            if G is not None:
-                dot += rowwise_dot(d, F.linear(a, G))
+            d_sq = rowwise_sq(d_bias)
+            sq = rowwise_sq(a) * d_sq + (d_sq if bias else 0)
         else:
-            s, t = norm_and_dot(torch.einsum("bto,bti->boi", d, a), G)
-            sq += s
-            if G is not None:
-                dot += t
-    if "bias" in names:
-        s, t = norm_and_dot(d.sum(1), None if grad_sum is None else grad_sum["bias"])
-        sq += s
-        if dot is not None:
-            dot += t
-    return sq, dot
+            sq = ghost_sq(a, d) + (rowwise_sq(d_bias) if bias else 0)
+        # <g_W, G_W> + <g_b, G_b> = sum_t d_t . (G_W a_t + G_b): the layer's own op on G
+        return sq, None if G is None else rowwise_dot_(d, F.linear(a, G["weight"], G.get("bias")))
+    per_sample = {"bias": d_bias} if bias else {}
+    if "weight" in names:
+        per_sample["weight"] = torch.einsum("bto,bti->boi", d, a)
+    return materialised(per_sample, G)

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from .common import Pair, accumulation_dtype, norm_and_dot
+from .common import Pair, accumulation_dtype, materialised
 
 
 class BatchStatisticsError(ValueError):
@@ -24,21 +24,14 @@ def _affine(centered: torch.Tensor, inv_std: torch.Tensor, d: torch.Tensor, name
     """Terms of ``weight`` (``g = sum_positions d * centered * inv_std``) and ``bias`` (``g = sum_positions d``).
 
     ``centered`` and ``d`` are ``[B, C, S]`` (S positions per channel), ``inv_std`` broadcasts to ``[B, C]``.
+    ``centered`` is overwritten (the callers' own temporary: a fresh product per call page-faults on CPU).
     """
-    B = d.shape[0]
-    sq = torch.zeros(B, dtype=d.dtype, device=d.device)
-    dot = None if grad_sum is None else torch.zeros_like(sq)
-    for name in ("weight", "bias"):
-        if name in names:
-            if name == "weight":  # one batched matmul per channel: no [B, C, S] temporaries
-                per_sample = torch.einsum("bcs,bcs->bc", d, centered) * inv_std
-            else:
-                per_sample = d.sum(2)
-            s, t = norm_and_dot(per_sample, None if grad_sum is None else grad_sum[name])
-            sq += s
-            if dot is not None:
-                dot += t
-    return sq, dot
+    per_sample = {}
+    if "weight" in names:
+        per_sample["weight"] = centered.mul_(d).sum(2).mul_(inv_std)
+    if "bias" in names:
+        per_sample["bias"] = d.sum(2)
+    return materialised(per_sample, grad_sum)
 
 
 def batchnorm(module: nn.modules.batchnorm._BatchNorm, x, d, names, grad_sum, method: str) -> Pair:
