@@ -1,4 +1,4 @@
-"""Calibrate the engine's per-layer choice between "ghost" and "materialize" for convolutions.
+"""Calibrate the engine's per-layer choices for convolutions: "ghost" or "materialize", and how to materialise.
 
 ray_dal/scoring/layers/common.py:prefer_ghost(T, fan_in, fan_out, "auto") picks the method per layer
 (T output positions, fan_in = C_in/groups * kernel area, fan_out = C_out/groups). This script
@@ -11,7 +11,10 @@ ray_dal/scoring/layers/common.py:prefer_ghost(T, fan_in, fan_out, "auto") picks 
 3. reports the winner per shape, whether the engine's current rule picks it, whether the earlier
    rule (ghost iff 2 T^2 < fan_in*fan_out) does, and the range of the constant c in the cost-model rule
    "ghost iff T (fan_in + fan_out) < c fan_in fan_out" that is consistent with every measured winner,
-4. times end to end ``dynamic_scores(..., layer_method=...)`` per model for "auto", "ghost",
+4. times materialise's two kernels on narrow shapes (<= 16 input channels per group, the cnn's always):
+   patches x output gradient against the grouped convolution weight-gradient, and whether the engine's
+   rule (patches up to ``conv.NARROW_CHANNELS`` channels per group) picks the faster,
+5. times end to end ``dynamic_scores(..., layer_method=...)`` per model for "auto", "ghost",
    "materialize" and "auto" with the earlier rule patched in (this process only; the engine's files are
    untouched), against a training step.
 
@@ -149,6 +152,43 @@ def bench_layers(shapes, batch_sizes, repeats):
     return rows
 
 
+def bench_narrow(shapes, batch_sizes, repeats, max_channels=16):
+    """Materialise's two per-sample weight-gradient kernels on shapes with <= ``max_channels`` input channels per
+    group: patches x output gradient (chunked) against the convolution weight-gradient with the batch in the
+    groups. The engine takes patches up to ``NARROW_CHANNELS`` input channels per group."""
+    rows = []
+    for (cin, cout, k, stride, pad, hin), e in shapes.items():
+        m = e["module"]
+        per_group = cin // m.groups
+        if per_group > max_channels:
+            continue
+        for B in batch_sizes:
+            x, d = torch.randn(B, *e["in_shape"]), torch.randn(B, *e["out_shape"])
+            padded, padding = conv_layer._padded(m, x)
+
+            def kernel(narrow):
+                def run():
+                    saved, conv_layer.NARROW_CHANNELS = conv_layer.NARROW_CHANNELS, narrow
+                    try:
+                        return conv_layer._per_sample_weight_grad(m, padded, d, padding)
+                    finally:
+                        conv_layer.NARROW_CHANNELS = saved
+                return run
+
+            with torch.no_grad():
+                med = round_robin({"patches": kernel(max_channels), "grouped": kernel(0),
+                                   "weight_grad": lambda: weight_grad(m, x, d)}, repeats)
+            winner = "patches" if med["patches"] < med["grouped"] else "grouped"
+            rows.append({"shape": f"{cin}->{cout} k{k} s{stride} in {hin}x{hin}", "B": B,
+                         "in_channels_per_group": per_group, "layers": e["where"], "seconds": med,
+                         "grouped_over_patches": med["grouped"] / med["patches"], "winner": winner,
+                         "rule": "patches" if per_group <= conv_layer.NARROW_CHANNELS else "grouped"})
+            print(f"narrow {rows[-1]['shape']:28s} B={B:3d} patches {med['patches'] * 1e3:7.2f} ms  grouped "
+                  f"{med['grouped'] * 1e3:7.2f} ms  weight_grad {med['weight_grad'] * 1e3:6.2f} ms  winner {winner}",
+                  flush=True)
+    return rows
+
+
 @contextmanager
 def patched_rule(rule):
     """Swap the conv handler's rule for ``rule`` in this process only (the engine's file is untouched)."""
@@ -239,7 +279,16 @@ def write_markdown(result, path: Path):
                  f"{sm['consistent_c'][0]:.3g}, smallest materialise-winning ratio {sm['consistent_c'][1]:.3g}).")]
     lines += ["", "Layers per shape: " + "; ".join(
         f"{r['shape']}: {', '.join(r['layers'])}" for r in result["layers"] if r["B"] == s["batch_sizes"][0]), ""]
-    lines += ["## End to end: dynamic_scores(scope='all') by layer_method, seconds (x train_step)", "",
+    lines += [f"## Narrow convolutions: patches x output gradient vs the grouped kernel (materialise; the engine "
+              f"takes patches up to {result['narrow_channels']} input channels per group)", "",
+              "| shape | B | in channels / group | patches ms | grouped ms | weight_grad ms | grouped/patches | winner "
+              "| rule |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["narrow"]:
+        sec = r["seconds"]
+        lines.append(f"| {r['shape']} | {r['B']} | {r['in_channels_per_group']} | {sec['patches'] * 1e3:.2f} | "
+                     f"{sec['grouped'] * 1e3:.2f} | {sec['weight_grad'] * 1e3:.2f} | {r['grouped_over_patches']:.2f} | "
+                     f"{r['winner']} | {ok(r['rule'], r['winner'])} |")
+    lines += ["", "## End to end: dynamic_scores(scope='all') by layer_method, seconds (x train_step)", "",
               "| model | B | " + " | ".join(E2E_METHODS) + " |", "|---|---|" + "---|" * len(E2E_METHODS)]
     for r in result["end_to_end"]:
         lines.append(f"| {r['model']} | {r['B']} | " + " | ".join(
@@ -308,6 +357,8 @@ def main(argv=None):
               "current_rule": (prefer_ghost.__doc__ or "").strip().splitlines()[0],
               "previous_rule": "ghost iff 2 T^2 < fan_in fan_out"}
     result["layers"] = bench_layers(conv_shapes(args.models), args.batch_sizes, args.repeats)
+    result["narrow_channels"] = conv_layer.NARROW_CHANNELS
+    result["narrow"] = bench_narrow(conv_shapes(dict.fromkeys(["cnn", *args.models])), args.batch_sizes, args.repeats)
     result["end_to_end"] = [] if args.skip_e2e else bench_end_to_end(args.models, args.batch_sizes, args.e2e_repeats)
     rows = result["layers"]
     result["summary"] = {

@@ -69,6 +69,9 @@ def test_layer_choice_quick(tmp_path):
         assert set(row["seconds"]) == {"ghost", "materialize", "weight_grad"}
         assert row["winner"] in ("ghost", "materialize") and row["current_rule"] in ("ghost", "materialize")
     assert r["summary"]["shapes_x_batch"] == len(r["layers"])
+    assert {row["in_channels_per_group"] for row in r["narrow"]} == {3, 6}  # the cnn's conv1 and conv2
+    for row in r["narrow"]:
+        assert set(row["seconds"]) == {"patches", "grouped", "weight_grad"} and row["rule"] in ("patches", "grouped")
     (e2e,) = r["end_to_end"]
     assert set(e2e["seconds"]) == {"train_step", "auto", "ghost", "materialize", "auto_previous_rule"}
     assert all(v < 1e-2 for v in e2e["max_rel_diff_vs_auto"].values()), e2e["max_rel_diff_vs_auto"]
