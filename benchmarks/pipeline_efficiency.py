@@ -5,7 +5,8 @@ encoded JPEGs through read tasks -> k `PoolScorer` actors (decode, score, per-ba
 driver's top-b merge. Its rate (samples scored / wall seconds, actor start-up included) is compared
 with k x the in-process rate of `ray_dal.scoring.dynamic_scores` on pre-decoded tensors. Every run is a pass
 with its own actors (``scoring.scorer_lifetime: pass``, so that each repeat pays the start-up a fresh pass
-pays); the run's warm actors (the default) are measured round by round in round_time.py.
+pays). ``--lifetime run`` measures the default instead, the run's warm actors: one untimed pass per k starts
+them, then every timed pass reuses them (a round mid-run); round by round they are in round_time.py.
 
     efficiency = pipeline rate / (k x in-process score rate)
 
@@ -35,6 +36,7 @@ Diagnostics recorded next to every run, to explain a miss:
 
     python benchmarks/pipeline_efficiency.py --quick    # smoke run (~20 s): cnn, 1536 real images, 1 repeat
     python benchmarks/pipeline_efficiency.py            # full: cnn on CIFAR-10 train (50k), resnet18 on 640 images
+    python benchmarks/pipeline_efficiency.py --lifetime run --models cnn   # warm actors: pipeline_efficiency_warm
     python benchmarks/pipeline_efficiency.py --quick --out /tmp/x --data-dir ../shared/data/cifar10
 
 CIFAR-10 is read from --data-dir (default ../shared/data/cifar10 beside the repo: train.parquet, test.parquet).
@@ -70,6 +72,7 @@ from ray_dal.data import decode_images, inspect_pool, normalize, preprocess_batc
 from ray_dal.data.transforms import _decode_pil
 from ray_dal.models import build_model
 from ray_dal.pipeline.runtime import init_ray
+from ray_dal.pipeline.scorer_pool import release_scorers
 from ray_dal.scoring import dynamic_scores, labeled_gradient
 from ray_dal.topk import TopB
 
@@ -199,7 +202,7 @@ def _category(proc_name: str, cmdline: str, pid: int) -> str:
     if pid == os.getpid():
         return "driver"
     text = proc_name + " " + cmdline
-    if "PoolScorer" in text:
+    if "PoolScorer" in text or "ScorerActor" in text:
         return "scorer_actors"
     if "ReadPool" in text or "ReadReadPool" in text:
         return "read_tasks"
@@ -288,12 +291,12 @@ class TimedTopB(TopB):
         return super().add(ids, scores, **columns)
 
 
-def run_pipeline(pool: Path, name: str, model, g, k: int, batch_size: int, budget: int) -> dict:
+def run_pipeline(pool: Path, name: str, model, g, k: int, batch_size: int, budget: int, lifetime: str = "pass") -> dict:
     """One `score_pool` call; budget >= batch_size so every scored row of a batch reaches the merge."""
     assert budget >= batch_size
     state = {n: t.detach().clone() for n, t in model.state_dict().items()}
     cfg = ScoringConfig(strategy="dynamic", gamma=GAMMA, scope="all", num_scorers=k, batch_size=batch_size,
-                        cpus_per_scorer=CPUS_PER_SCORER, gpus_per_scorer=0, scorer_lifetime="pass")
+                        cpus_per_scorer=CPUS_PER_SCORER, gpus_per_scorer=0, scorer_lifetime=lifetime)
     TimedTopB.log = []
     pool_scoring.TopB = TimedTopB
     try:
@@ -341,14 +344,16 @@ def timeline_summary(t0_wall: float, wall: float, k: int) -> dict:
     except Exception as error:  # noqa: BLE001
         return {"status": f"timeline failed: {error}"}
     rel = lambda e: (e["ts"] / 1e6 - t0_wall, e["dur"] / 1e6)
-    init = [rel(e) for e in events if e.get("cat", "").endswith("PoolScorer)).__init__")]
+    init = [rel(e) for e in events if e.get("cat", "").endswith(("PoolScorer)).__init__", "ScorerActor.__init__"))]
     submit = collections.defaultdict(list)
     for e in events:
-        if e.get("cat", "").endswith("PoolScorer)).submit"):
+        if e.get("cat", "").endswith(("PoolScorer)).submit", "ScorerActor.run")):
             submit[e["tid"]].append(rel(e))
     reads = [rel(e) for e in events if e.get("cat", "") == "task::ReadReadPool"]
-    if not init or not submit:
+    if not submit:
         return {"status": "no scorer events"}
+    if not init:  # warm actors (lifetime "run"): started by an earlier pass, ready from the call on
+        init = [(0.0, 0.0)] * len(submit)
     init_end = max(a + d for a, d in init)
     busy = sum(d for v in submit.values() for _, d in v)
     first_submit = min(a for v in submit.values() for a, _ in v)
@@ -482,7 +487,7 @@ def decode_alternatives(pool: Path, batch_size: int, repeats: int) -> dict:
 
 def study(name: str, pool: Path, batch_size: int, ks: list[int], repeats: int, base_batches: int,
           base_repeats: int, parallel_batches: int, budget: int, profile_s: float,
-          parallel_start_s: float = 8.0) -> dict:
+          parallel_start_s: float = 8.0, lifetime: str = "pass") -> dict:
     print(f"\n== {name}: pool {pool} ({inspect_pool(str(pool)).num_rows} rows), batch {batch_size}, k {ks}", flush=True)
     model, g = model_and_g(name)
     batches = sample_batches(pool, batch_size, base_batches)
@@ -491,11 +496,15 @@ def study(name: str, pool: Path, batch_size: int, ks: list[int], repeats: int, b
     def baseline():
         return inprocess_rates(model, g, batches, T, base_repeats)
 
-    runs, bases = [], [baseline()]
+    runs, bases, warm_k, first_passes = [], [baseline()], None, {}
     for rep in range(repeats):
         order = ks if rep % 2 == 0 else ks[::-1]
         for k in order:
-            run = run_pipeline(pool, name, model, g, k, batch_size, budget)
+            if lifetime == "run" and k != warm_k:  # a pool of k actors starts: untimed, like a run's first pass
+                first = run_pipeline(pool, name, model, g, k, batch_size, budget, lifetime)
+                first_passes.setdefault(str(k), []).append({x: first[x] for x in ("rate", "seconds")})
+                warm_k = k
+            run = run_pipeline(pool, name, model, g, k, batch_size, budget, lifetime)
             after = baseline()
             around = [bases[-1], after]
             bases.append(after)
@@ -548,11 +557,13 @@ def study(name: str, pool: Path, batch_size: int, ks: list[int], repeats: int, b
         summary["speedup_2_vs_1"] = summary["2"]["rate"] / summary["1"]["rate"]
         summary["steady_speedup_2_vs_1"] = summary["2"]["steady_rate"] / summary["1"]["steady_rate"]
     decode_over_score = med([b["decode_over_score"] for b in bases])
-    out = {"model": name, "pool": str(pool), "pool_rows": inspect_pool(str(pool)).num_rows,
+    release_scorers()
+    out = {"model": name, "pool": str(pool), "pool_rows": inspect_pool(str(pool)).num_rows, "lifetime": lifetime,
+           "first_passes": first_passes,
            "row_groups": len(inspect_pool(str(pool)).row_groups), "batch_size": batch_size, "budget": budget,
            "threads_per_actor": T, "baselines": bases, "runs": runs, "summary": summary,
            "decode_over_score": decode_over_score, "decode_bound": 1.0 / (1.0 + decode_over_score)}
-    if profile_s:
+    if profile_s and lifetime == "pass":
         kp = max(ks)
         print(f"  profiling one scorer actor (k={kp}) with py-spy for {profile_s:.0f}s (untimed run)", flush=True)
         out["pyspy"] = profile_actor(pool, name, model, g, kp, batch_size, budget, profile_s)
@@ -573,6 +584,9 @@ def f(x, nd=0):
 def write_markdown(result: dict, path: Path) -> None:
     m, s = result["machine"], result["settings"]
     L = ["# Pipeline efficiency (generated by benchmarks/pipeline_efficiency.py)", "",
+         ("Warm actors (``scoring.scorer_lifetime: run``): every timed pass reuses the actors an untimed first pass per "
+          "k started, so 'start-up' is that of a pass mid-run (no actor start)." if s.get("lifetime") == "run" else
+          "Fresh actors in every pass (``scoring.scorer_lifetime: pass``)."), "",
          f"{m['cpu']}, {m['logical_cores']} logical cores, {m['memory_gib']} GiB, torch {m['torch']}, ray {m['ray']}, "
          f"{m['date_utc']}, commit {str(m['git_commit'])[:8]}{' (ray_dal modified)' if m['ray_dal_dirty'] else ''}. "
          f"Load average at start {m['load_average_at_start']} (shared machine: co-tenant CPU per run is in the JSON).",
@@ -717,7 +731,11 @@ def main(argv=None) -> None:
                    help="folder for NAME.json/.md/.png (default benchmarks/results)")
     p.add_argument("--data-dir", type=Path, default=CIFAR,
                    help="CIFAR-10 folder with train.parquet and test.parquet (default ../shared/data/cifar10)")
-    p.add_argument("--name", default=None, help="output file stem (default pipeline_efficiency[_quick])")
+    p.add_argument("--lifetime", choices=("pass", "run"), default="pass",
+                   help="scoring.scorer_lifetime of the timed passes: pass (fresh actors, start-up in every pass) or "
+                        "run (warm actors started by an untimed pass per k)")
+    p.add_argument("--name", default=None,
+                   help="output file stem (default pipeline_efficiency[_warm][_quick], _warm for --lifetime run)")
     p.add_argument("--replot", type=Path, default=None, help="rewrite the .md/.png of an existing result JSON and exit")
     a = p.parse_args(argv)
     CIFAR = a.data_dir.resolve()
@@ -745,7 +763,7 @@ def main(argv=None) -> None:
                  "cnn@synthetic100k": dict(pool=synthetic_pool(100_000), batch_size=256, repeats=a.repeats or 1,
                                            base_batches=3, base_repeats=2, parallel_batches=0, budget=500, profile_s=0)}
     models = a.models or list(plans)
-    settings = {"quick": a.quick, "strategy": "dynamic", "scope": "all", "gamma": GAMMA, "cpus_per_scorer": CPUS_PER_SCORER,
+    settings = {"quick": a.quick, "lifetime": a.lifetime, "strategy": "dynamic", "scope": "all", "gamma": GAMMA, "cpus_per_scorer": CPUS_PER_SCORER,
                 "threads_per_actor": THREADS_PER_ACTOR, "ks": [1, 2], "ray_num_cpus": psutil.cpu_count(),
                 "plans": {m: {k: str(v) if isinstance(v, Path) else v for k, v in plans[m].items()} for m in models}}
     machine = record.machine_info()
@@ -754,13 +772,13 @@ def main(argv=None) -> None:
     result = {"machine": machine, "settings": settings, "studies": []}
     for key in models:
         plan = dict(plans[key])
-        st = study(key.split("@")[0], ks=[1, 2], **plan)
+        st = study(key.split("@")[0], ks=[1, 2], lifetime=a.lifetime, **plan)
         st["pool_kind"] = key.split("@")[1] if "@" in key else ("CIFAR-10" if "cifar" in str(plan["pool"]) else "")
         st["label"] = f"{st['model']} {st['pool_rows'] // 1000}k" if st["pool_rows"] >= 1000 else f"{st['model']} {st['pool_rows']}"
         result["studies"].append(st)
     result["decode_alternatives"] = decode_alternatives(plans[models[0]]["pool"], 256, 5)
     result["findings"] = findings(result)
-    stem = a.name or ("pipeline_efficiency_quick" if a.quick else "pipeline_efficiency")
+    stem = a.name or ("pipeline_efficiency" + ("_warm" if a.lifetime == "run" else "") + ("_quick" if a.quick else ""))
     record.save(result, a.out, stem, write_markdown, plot)
     print("\n".join(result["findings"]))
     print(f"wrote {a.out / stem}.json/.md/.png")

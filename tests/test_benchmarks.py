@@ -94,6 +94,20 @@ def test_pipeline_efficiency_quick(tmp_path, cifar10_dir):
 
 
 @pytest.mark.slow
+def test_pipeline_efficiency_quick_on_warm_actors(tmp_path, cifar10_dir):
+    r = run_quick("pipeline_efficiency.py", tmp_path, "--data-dir", str(cifar10_dir), "--lifetime", "run",
+                  "--name", "pipeline_efficiency_quick")
+    (st,) = r["studies"]
+    assert r["settings"]["lifetime"] == st["lifetime"] == "run"
+    assert set(st["first_passes"]) == {"1", "2"}  # an untimed pass started each k's pool
+    for k in ("1", "2"):
+        s = st["summary"][k]
+        assert s["efficiency"] > 0 and s["n"] == 1
+        assert s["actor_init_s"] == 0.0, s  # Ray's timeline: no actor started inside a timed pass
+    assert all(run["num_scored"] == st["pool_rows"] for run in st["runs"])
+
+
+@pytest.mark.slow
 def test_pool_scaling_quick(tmp_path):
     r = run_quick("pool_scaling.py", tmp_path)
     assert r["machine"]["torch"] and r["machine"]["ray"]

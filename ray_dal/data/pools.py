@@ -451,13 +451,19 @@ def read_labeled(
 ) -> ray.data.Dataset:
     """`read_pool` of the rows ``ids`` with their ``label`` taken from ``labels`` (aligned with ``ids``), not
     from the pool: labels given by people, or the dataset's own passed explicitly. Columns id, image, label."""
-    ids, labels = np.asarray(ids, np.int64), np.asarray(labels, np.int64)
-    if ids.shape != labels.shape or ids.ndim != 1:
-        raise ValueError(f"ids and labels must be 1-D arrays of one length, got {ids.shape} and {labels.shape}")
+    ids, labels = aligned_labels(ids, labels)
     order = np.argsort(ids)
     return read_pool(pool, columns=(ID, IMAGE), ids=ids, num_cpus=num_cpus).map_batches(
         _attach_labels, batch_format="pyarrow", num_cpus=num_cpus,
         fn_kwargs={"ids": ids[order], "labels": labels[order]})
+
+
+def aligned_labels(ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, labels)`` as int64, checked to be 1-D arrays of one length (``labels[i]`` is ``ids[i]``'s)."""
+    ids, labels = np.asarray(ids, np.int64), np.asarray(labels, np.int64)
+    if ids.shape != labels.shape or ids.ndim != 1:
+        raise ValueError(f"ids and labels must be 1-D arrays of one length, got {ids.shape} and {labels.shape}")
+    return ids, labels
 
 
 def _attach_labels(batch: pa.Table, ids: np.ndarray, labels: np.ndarray) -> pa.Table:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -85,7 +85,8 @@ def run_round(cfg: ExperimentConfig, run: RunDir, rnd: RoundInputs, state: dict)
     round_start = time.perf_counter()
     r, on_bad = rnd.index, cfg.data.on_bad_image
     seed = cfg.loop.seed * 10_000 + r
-    here = train_workers(cfg.train) == 0
+    train_cfg = replace(cfg.train, num_workers=train_workers(cfg.train))  # "auto" resolved once a round
+    here = train_cfg.num_workers == 0
     if here:
         start_early(scorer_actors(cfg.scoring))  # warm scorers start (once a run) while this process trains
     train_set = prepare_labeled(rnd.pool, rnd.labeled_ids, rnd.transform, on_bad=on_bad, labels=rnd.labels,
@@ -93,7 +94,7 @@ def run_round(cfg: ExperimentConfig, run: RunDir, rnd: RoundInputs, state: dict)
     skipped = np.setdiff1d(rnd.labeled_ids, dataset_ids(train_set)) if on_bad == "skip" else np.empty(0, np.int64)
     fit_start = time.perf_counter()
     fit = fit_round(
-        cfg.model, cfg.train, train_set, state,
+        cfg.model, train_cfg, train_set, state,
         seed=seed, storage_dir=run.root / "ray_train", name=f"round_{r:03d}", scope=cfg.scoring.scope,
         compute_grad_sum=cfg.scoring.strategy == "dynamic",
     )

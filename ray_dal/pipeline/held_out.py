@@ -72,6 +72,22 @@ def split_batch(batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], di
     return pool, {name: np.asarray(batch[name])[flag] for name in (*columns, "label")}
 
 
+def output_rows(kept: np.ndarray, skipped: np.ndarray, skipped_held_out: np.ndarray,
+                counts: Mapping[str, int]) -> dict[str, np.ndarray]:
+    """The id, ``skipped`` and ``held_out`` columns of a pool pass's output batch, and a column per count: rows
+    ``kept`` (the pool ids with results), then the undecodable pool images (``skipped``), the undecodable
+    held-out images (``skipped`` and ``held_out``), and a last row (id -1, ``held_out``) carrying ``counts``,
+    0 on every other row, so that a count's sum over all batches is the pass's total."""
+    n = kept.size + skipped.size + skipped_held_out.size + 1
+    rows = np.arange(n)
+    out = {"id": np.concatenate([kept, skipped, skipped_held_out, [-1]]).astype(np.int64),
+           "skipped": (rows >= kept.size) & (rows < n - 1), HELD_OUT: rows >= kept.size + skipped.size}
+    for name, value in counts.items():
+        out[name] = np.zeros(n, np.int64)
+        out[name][-1] = value
+    return out
+
+
 @dataclass
 class Tally:
     """The driver's sum of the actors' held-out counts (`Tested` once the pass is done)."""

@@ -31,7 +31,8 @@ from ..data import DEFAULT_TRANSFORM, ImageTransform, PoolInfo, inspect_pool, re
 from ..errors import carry
 from .decode import decode_ahead, decoded
 from .scorer_pool import on_actors
-from .held_out import HELD_OUT, HeldOutRows, Tally, Tested, sorted_ids, split_batch, test_batch, with_held_out
+from .held_out import (HELD_OUT, HeldOutRows, Tally, Tested, output_rows, sorted_ids, split_batch, test_batch,
+                       with_held_out)
 from ..scoring import final_linear
 from ..selection import embedding_parts
 
@@ -89,14 +90,9 @@ class PoolEmbedder:
         if held_out is not None:
             correct, tested, skipped_held_out = test_batch(self.model, held_out, self.transform, self.on_bad,
                                                            self.device)
-        n = kept.size + skipped.size + skipped_held_out.size + 1  # the last row carries the held-out counts
-        rows = np.arange(n)
-        counts = np.zeros((2, n), np.int64)
-        counts[:, -1] = correct, tested
-        out = {"id": np.concatenate([kept, skipped, skipped_held_out, [-1]]),
-               "skipped": (rows >= kept.size) & (rows < n - 1), HELD_OUT: rows >= kept.size + skipped.size,
-               "pred": np.full(n, -1, np.int64), "prob": np.zeros(n, np.float32),
-               "correct": counts[0], "tested": counts[1]}
+        out = output_rows(kept, skipped, skipped_held_out, {"correct": correct, "tested": tested})
+        n = out["id"].size
+        out["pred"], out["prob"] = np.full(n, -1, np.int64), np.zeros(n, np.float32)
         for name in ("a", "e") if self.residuals else ("a",):
             out[name] = np.zeros((n, self.widths[name]), np.float32)  # other rows stay 0
         if kept.size:

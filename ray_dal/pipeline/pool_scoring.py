@@ -48,8 +48,8 @@ from ray_dal.data.transforms import ON_BAD
 from ray_dal.errors import carry
 from ray_dal.pipeline.decode import decode_ahead, decoded
 from ray_dal.pipeline.scorer_pool import on_actors
-from ray_dal.pipeline.held_out import (HELD_OUT, HeldOutRows, Tally, Tested, sorted_ids, split_batch, test_batch,
-                                      with_held_out)
+from ray_dal.pipeline.held_out import (HELD_OUT, HeldOutRows, Tally, Tested, output_rows, sorted_ids, split_batch,
+                                      test_batch, with_held_out)
 from ray_dal.scoring import (
     dynamic_scores,
     entropy,
@@ -201,19 +201,13 @@ class PoolScorer:
         if held_out is not None:
             correct, tested, skipped_held_out = test_batch(self.model, held_out, self.transform, self.on_bad,
                                                            self.device)
-        bad = np.concatenate([skipped, skipped_held_out])
-        n = top_ids.size + bad.size + 1  # the last row carries the batch's counts
-        counts = np.zeros((3, n), np.int64)
-        counts[:, -1] = count, correct, tested
-        return {
-            "id": np.concatenate([top_ids, bad, [-1]]),
-            "score": np.concatenate([top_scores, np.zeros(bad.size + 1)]),
-            "pred": np.concatenate([pred, np.full(bad.size + 1, -1, np.int64)]),
-            "prob": np.concatenate([prob, np.full(bad.size + 1, np.nan)]),
-            "skipped": (np.arange(n) >= top_ids.size) & (np.arange(n) < n - 1),
-            HELD_OUT: np.arange(n) >= top_ids.size + skipped.size,
-            "num_scored": counts[0], "correct": counts[1], "tested": counts[2],
-        }
+        out = output_rows(top_ids, skipped, skipped_held_out,
+                          {"num_scored": count, "correct": correct, "tested": tested})
+        rest = out["id"].size - top_ids.size  # rows after the top ones: no score, no prediction
+        out["score"] = np.concatenate([top_scores, np.zeros(rest)])
+        out["pred"] = np.concatenate([pred, np.full(rest, -1, np.int64)])
+        out["prob"] = np.concatenate([prob, np.full(rest, np.nan)])
+        return out
 
 
 def score_pool(

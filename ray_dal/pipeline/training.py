@@ -74,8 +74,8 @@ from .. import console
 from .actors import actor_device, check_weights, load_model, use_cpu_share
 from .held_out import count_right, test_batch
 from ..config import ExperimentConfig, ModelConfig, TrainConfig, validate
-from ..data import (DEFAULT_TRANSFORM, ImageTransform, PoolInfo, preprocess_batch, read_labeled, read_pool,
-                    read_rows)
+from ..data import (DEFAULT_TRANSFORM, ImageTransform, PoolInfo, aligned_labels, preprocess_batch, read_labeled,
+                    read_pool, read_rows)
 from ..errors import carried, carry, original_errors
 from ..models import build_model
 from .runtime import cluster_has_gpus
@@ -146,9 +146,7 @@ def _decoded_here(pool: PoolInfo | str, ids: np.ndarray, transform: ImageTransfo
                   labels: np.ndarray | None) -> ray.data.Dataset:
     """`prepare_labeled` in this process: the rows read with `read_rows`, decoded in slices of 1,024 images."""
     if labels is not None:
-        labels = np.asarray(labels, np.int64)
-        if labels.shape != ids.shape:
-            raise ValueError(f"ids and labels must be 1-D arrays of one length, got {ids.shape} and {labels.shape}")
+        ids, labels = aligned_labels(ids, labels)
     table = read_rows(pool, ids, ("id", "image") if labels is not None else ("id", "image", "label"))
     parts = []
     for start in range(0, len(ids), 1024):
