@@ -538,6 +538,21 @@ def test_autocast_bfloat16_scores_are_float32_and_close(name, target):
 
 
 @cpu_only
+def test_patches_only_where_they_are_narrow_and_small():
+    """Patches for narrow layers whose one-sample patches fit a chunk; the grouped kernel for wide layers, 3d ones,
+    and large images (a 3-channel 7x7 stem on 512x512 would need 150 MB of patches per sample)."""
+    conv = importlib.import_module("ray_dal.scoring.layers.conv")
+    cases = [(nn.Conv2d(3, 6, 5), (1, 3, 32, 32), True), (nn.Conv2d(6, 16, 5), (1, 6, 14, 14), False),
+             (nn.Conv2d(8, 8, 3, groups=2), (1, 8, 9, 9), True), (nn.Conv3d(1, 2, 3), (1, 1, 6, 6, 6), False),
+             (nn.Conv2d(3, 64, 7, stride=2), (1, 3, 512, 512), False)]
+    for module, shape, expected in cases:
+        x = torch.zeros(shape)
+        with torch.no_grad():
+            d = module(x)
+        assert conv.takes_patches(module, x, d) is expected, module
+
+
+@cpu_only
 @pytest.mark.parametrize("module, x_shape", [
     (nn.Conv2d(3, 5, 3, stride=2, padding=2, dilation=2), (6, 3, 9, 9)),
     (nn.Conv2d(4, 6, 3, groups=2, padding=1, padding_mode="reflect"), (6, 4, 7, 7)),
@@ -555,9 +570,10 @@ def test_narrow_convolutions_take_patches_in_chunks(module, x_shape, monkeypatch
     monkeypatch.setattr(conv, "NARROW_CHANNELS", 0)
     expected = conv._per_sample_weight_grad(module, padded, d, padding)
     monkeypatch.setattr(conv, "NARROW_CHANNELS", 4)
-    one_sample = padded[0].numel() * math.prod(module.kernel_size) * 8
-    for chunk_bytes in (1, 2 * one_sample, conv.PATCH_CHUNK_BYTES):  # 1 sample, 2 or so, the whole batch
+    one_sample = conv._patch_numel(module, d) * 8  # bytes of one sample's float64 patches
+    for chunk_bytes in (one_sample, 2 * one_sample, conv.PATCH_CHUNK_BYTES):  # 1 sample, 2 or so, the whole batch
         monkeypatch.setattr(conv, "PATCH_CHUNK_BYTES", chunk_bytes)
+        assert conv.takes_patches(module, padded, d)
         as_float = conv._per_sample_weight_grad(copy.deepcopy(module).float(), padded.float(), d.float(), padding)
         assert_close(as_float.double(), expected, 1e-5)
         assert_close(conv._per_sample_weight_grad(module, padded, d, padding), expected, 1e-12)

@@ -63,16 +63,31 @@ def conv(module: nn.modules.conv._ConvNd, x: torch.Tensor, d: torch.Tensor, name
 
 
 # Patch-matmul for layers with at most this many input channels per group, on chunks of about this many bytes
-# of patches (a chunk that stays in cache: the whole batch's patches at B=256 made it 6x slower).
+# of patches (a chunk that stays in cache: the whole batch's patches at B=256 made it 6x slower). A layer whose
+# patches for one sample exceed a chunk (large images) keeps the grouped kernel: memory stays bounded.
 NARROW_CHANNELS = 4
 PATCH_CHUNK_BYTES = 2 << 20
 _scratch = threading.local()
 
 
+def takes_patches(module, x: torch.Tensor, d: torch.Tensor) -> bool:
+    """Whether `_per_sample_weight_grad` forms ``module``'s per-sample gradients from patches (``x`` its input,
+    ``d`` its output gradient): a 1d/2d layer with <= ``NARROW_CHANNELS`` input channels per group whose patches
+    of one sample fit in ``PATCH_CHUNK_BYTES``."""
+    if len(module.kernel_size) > 2 or module.in_channels // module.groups > NARROW_CHANNELS:
+        return False
+    return _patch_numel(module, d) * x.element_size() <= PATCH_CHUNK_BYTES
+
+
+def _patch_numel(module, d) -> int:
+    """Elements of one sample's patches: input channels x kernel area x output positions."""
+    return module.in_channels * math.prod(module.kernel_size) * d[0, 0].numel()
+
+
 def _per_sample_weight_grad(module, x, d, padding) -> torch.Tensor:
     """``[B, *weight.shape]``: the per-sample weight gradients (patches x output gradient for narrow layers,
-    else a convolution weight-gradient whose groups are (sample, group))."""
-    if len(module.kernel_size) <= 2 and module.in_channels // module.groups <= NARROW_CHANNELS:
+    `takes_patches`, else a convolution weight-gradient whose groups are (sample, group))."""
+    if takes_patches(module, x, d):
         return _patch_weight_grad(module, x, d, padding)
     B, nd = d.shape[0], len(module.kernel_size)
     shape = (B * module.out_channels, *module.weight.shape[1:])
@@ -86,9 +101,8 @@ def _per_sample_weight_grad(module, x, d, padding) -> torch.Tensor:
 
 def _patch_weight_grad(module, x, d, padding) -> torch.Tensor:
     B, groups = d.shape[0], module.groups
+    patch_numel, L = _patch_numel(module, d), d[0, 0].numel()
     x, d, geometry = _as_2d(module, x, d, padding)
-    L = d[0, 0].numel()
-    patch_numel = module.in_channels * math.prod(geometry[0]) * L  # one sample's
     chunk = max(1, PATCH_CHUNK_BYTES // (patch_numel * x.element_size()))
     buffer = _patch_buffer(min(chunk, B) * patch_numel, x)
     out = []
