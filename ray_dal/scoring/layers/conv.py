@@ -4,7 +4,7 @@ Materialise: per-sample weight gradients come from one convolution weight-gradie
 folded into the groups (input ``[1, B*C, ...]``, ``B*groups`` groups), about the cost of the
 ordinary summed weight gradient and without an im2col copy. Narrow 1d/2d layers (<= 4 input channels
 per group, e.g. an RGB stem) take ``d @ patches^T`` instead, a few samples at a time: oneDNN's grouped
-kernel is 2x slower there (benchmarks/results/layer_choice.md).
+kernel is 1.5-2x slower there (benchmarks/results/layer_choice.md).
 Ghost (1d/2d): a convolution is a Linear over L positions of unfolded input patches ``u``, so
 ``||g||^2 = sum_{l,l'} (u_l.u_l')(d_l.d_l')`` per group, and ``<g, G> = sum(d * conv(x, G))``.
 """
@@ -46,8 +46,8 @@ def conv(module: nn.modules.conv._ConvNd, x: torch.Tensor, d: torch.Tensor, name
     x, padding = _padded(module, x.to(dtype))
     d = d.to(dtype)
     G = grad_sums(grad_sum, names, dtype)
-    d_bias = d.flatten(2).sum(2)  # [B, out]: the bias's per-sample gradient
     bias = "bias" in names
+    d_bias = d.flatten(2).sum(2) if bias else None  # [B, out]: the bias's per-sample gradient
     positions, fan_in = d[0, 0].numel(), module.weight[0].numel()
     if "weight" in names and nd <= 2 and prefer_ghost(positions, fan_in, module.out_channels // groups, method):
         sq = _ghost_sq(module, x, d, padding) + (rowwise_sq(d_bias) if bias else 0)
@@ -115,7 +115,7 @@ def _patch_weight_grad(module, x, d, padding) -> torch.Tensor:
 
 def _patch_buffer(numel: int, like: torch.Tensor) -> torch.Tensor:
     """A flat buffer for patches. On CPU one per thread, dtype and device is kept: glibc hands a freed
-    multi-MB block back to the OS, so a fresh one per call page-faults (1,000-8,000 faults a call on the
+    multi-MB block back to the OS, so a fresh one per call page-faults (1,000-8,600 faults a call on the
     cnn, which cost more than the patch-matmul saved)."""
     if like.device.type != "cpu":
         return like.new_empty(numel)  # the CUDA caching allocator reuses blocks itself

@@ -19,8 +19,8 @@ def linear(module: nn.Linear, x: torch.Tensor, d: torch.Tensor, names, grad_sum,
     d = d.to(dtype).reshape(B, -1, module.out_features)
     G = grad_sums(grad_sum, names, dtype)
     T = a.shape[1]
-    d_bias = d[:, 0] if T == 1 else d.sum(1)  # [B, out]: the bias's per-sample gradient
     bias = "bias" in names
+    d_bias = d[:, 0] if T == 1 else d.sum(1) if bias else None  # [B, out]: the bias's per-sample gradient
     if "weight" in names and (T == 1 or prefer_ghost(T, module.in_features, module.out_features, method)):
         if T == 1:  # rank-one per-sample gradient: ||d a^T||^2 = ||d||^2 ||a||^2
             d_sq = rowwise_sq(d_bias)
